@@ -1,0 +1,268 @@
+// pybind11 module mppm_ext._C: turns DLPack capsules into TensorViews, validates every argument
+// (never trusting Python to have done so), and dispatches each op to its CPU or CUDA kernel.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <sstream>
+#include <string>
+
+#include "cpu/row_kernels.h"
+#include "mppm/checks.h"
+#include "mppm/energy.h"
+
+#ifdef MPPM_EXT_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace mppm {
+namespace {
+
+// The DLPack ABI (v0.x "dltensor" capsules, as torch.utils.dlpack.to_dlpack produces), declared here
+// rather than vendored: only these fields are read.
+struct DLDeviceABI {
+  int32_t device_type;  // 1 CPU, 2 CUDA, 3 CUDA pinned host memory
+  int32_t device_id;
+};
+struct DLDataTypeABI {
+  uint8_t code;  // 0 int, 1 uint, 2 float, 4 bfloat, 6 bool
+  uint8_t bits;
+  uint16_t lanes;
+};
+struct DLTensorABI {
+  void* data;
+  DLDeviceABI device;
+  int32_t ndim;
+  DLDataTypeABI dtype;
+  int64_t* shape;
+  int64_t* strides;
+  uint64_t byte_offset;
+};
+
+DType parse_dtype(const DLDataTypeABI& t, const char* name) {
+  if (t.lanes == 1) {
+    if (t.code == 2 && t.bits == 32) return DType::Float32;
+    if (t.code == 2 && t.bits == 16) return DType::Float16;
+    if (t.code == 2 && t.bits == 64) return DType::Float64;
+    if (t.code == 4 && t.bits == 16) return DType::BFloat16;
+    if (t.code == 0 && t.bits == 32) return DType::Int32;
+    if (t.code == 0 && t.bits == 64) return DType::Int64;
+    if ((t.code == 1 || t.code == 6) && t.bits == 8) return DType::UInt8;
+  }
+  std::ostringstream s;
+  s << name << " has an unsupported DLPack dtype (code " << int(t.code) << ", " << int(t.bits) << " bits)";
+  throw DTypeError(s.str());
+}
+
+// Reads a borrowed view out of a capsule. The capsule keeps its name, so its owner frees it.
+TensorView view_of(const py::handle& obj, const char* name) {
+  if (!PyCapsule_CheckExact(obj.ptr()) || std::strcmp(PyCapsule_GetName(obj.ptr()), "dltensor") != 0)
+    throw DTypeError(std::string(name) + " must be a DLPack capsule (torch.utils.dlpack.to_dlpack)");
+  const auto* t = static_cast<const DLTensorABI*>(PyCapsule_GetPointer(obj.ptr(), "dltensor"));
+  if (t == nullptr) throw py::error_already_set();
+  TensorView v;
+  if (t->ndim < 0 || t->ndim > kMaxDims)
+    throw ArgumentError(std::string(name) + " has an unsupported number of dimensions");
+  v.ndim = t->ndim;
+  v.dtype = parse_dtype(t->dtype, name);
+  int64_t compact = 1;
+  for (int i = v.ndim - 1; i >= 0; --i) {
+    v.sizes[i] = t->shape[i];
+    if (v.sizes[i] < 0) throw ArgumentError(std::string(name) + " has a negative size");
+    v.strides[i] = t->strides ? t->strides[i] : compact;
+    compact *= v.sizes[i];
+  }
+  if (t->device.device_type == 1 || t->device.device_type == 3) {
+    v.device = Device::CPU;
+  } else if (t->device.device_type == 2) {
+    v.device = Device::CUDA;
+  } else {
+    throw ArgumentError(std::string(name) + " is on an unsupported device (DLPack type " +
+                        std::to_string(t->device.device_type) + ")");
+  }
+  v.device_index = t->device.device_id;
+  v.data = static_cast<char*>(t->data) + t->byte_offset;
+  if (v.data == nullptr && v.numel() > 0) throw ArgumentError(std::string(name) + " has no data");
+  return v;
+}
+
+void check_output(const TensorView& v, const char* name, const TensorView& ref, DType dtype,
+                  std::initializer_list<int64_t> shape) {
+  check_dtype(v, name, {dtype});
+  check_ndim(v, name, int(shape.size()));
+  int dim = 0;
+  for (int64_t s : shape) check_size(v, name, dim++, s, "the expected output size");
+  check_contiguous(v, name);
+  check_same_device(v, name, ref, "hidden");
+}
+
+void energy(py::handle hidden_c, py::handle logits_c, py::handle tokens_c, py::object mask_c,
+            int64_t ignore_index, py::handle out_tokens_c, py::handle out_defined_c, py::handle out_stats_c,
+            py::handle out_counts_c, py::handle scratch_c, int num_threads, uintptr_t stream) {
+  const TensorView hidden = view_of(hidden_c, "hidden");
+  const TensorView logits = view_of(logits_c, "logits");
+  const TensorView tokens = view_of(tokens_c, "tokens");
+  const auto floats = {DType::Float32, DType::BFloat16, DType::Float16};
+  check_ndim(hidden, "hidden", 3);
+  check_ndim(logits, "logits", 3);
+  check_ndim(tokens, "tokens", 2);
+  check_dtype(hidden, "hidden", floats);
+  check_dtype(logits, "logits", floats);
+  check_dtype(tokens, "tokens", {DType::Int64, DType::Int32});
+  const int64_t B = hidden.size(0), T = hidden.size(1);
+  check_size(logits, "logits", 0, B, "hidden.shape[0]");
+  check_size(logits, "logits", 1, T, "hidden.shape[1]");
+  check_size(tokens, "tokens", 0, B, "hidden.shape[0]");
+  check_size(tokens, "tokens", 1, T, "hidden.shape[1]");
+  if (hidden.size(2) < 1) throw ArgumentError("hidden must have a non-empty last dimension (d >= 1)");
+  if (logits.size(2) < 1) throw ArgumentError("logits must have a non-empty last dimension (V >= 1)");
+  check_unit_last_stride(hidden, "hidden");
+  check_unit_last_stride(logits, "logits");
+  check_nonnegative_strides(tokens, "tokens");
+  check_same_device(logits, "logits", hidden, "hidden");
+  check_same_device(tokens, "tokens", hidden, "hidden");
+
+  EnergyParams p;
+  p.B = B;
+  p.T = T;
+  p.d = hidden.size(2);
+  p.V = logits.size(2);
+  p.hidden = hidden.data;
+  p.hidden_dtype = hidden.dtype;
+  p.hidden_sb = hidden.stride(0);
+  p.hidden_st = hidden.stride(1);
+  p.logits = logits.data;
+  p.logits_dtype = logits.dtype;
+  p.logits_sb = logits.stride(0);
+  p.logits_st = logits.stride(1);
+  p.tokens = tokens.data;
+  p.tokens_dtype = tokens.dtype;
+  p.tokens_sb = tokens.stride(0);
+  p.tokens_st = tokens.stride(1);
+  p.ignore_index = ignore_index;
+  if (!mask_c.is_none()) {
+    const TensorView mask = view_of(mask_c, "mask");
+    check_ndim(mask, "mask", 2);
+    check_dtype(mask, "mask", {DType::UInt8});
+    check_size(mask, "mask", 0, B, "hidden.shape[0]");
+    check_size(mask, "mask", 1, T, "hidden.shape[1]");
+    check_nonnegative_strides(mask, "mask");
+    check_same_device(mask, "mask", hidden, "hidden");
+    p.mask = static_cast<const uint8_t*>(mask.data);
+    p.mask_sb = mask.stride(0);
+    p.mask_st = mask.stride(1);
+  }
+  const TensorView out_tokens = view_of(out_tokens_c, "out_tokens");
+  const TensorView out_defined = view_of(out_defined_c, "out_defined");
+  const TensorView out_stats = view_of(out_stats_c, "out_stats");
+  const TensorView out_counts = view_of(out_counts_c, "out_counts");
+  check_output(out_tokens, "out_tokens", hidden, DType::Float32, {kNumTokenQuantities, B, T});
+  check_output(out_defined, "out_defined", hidden, DType::UInt8, {B, T});
+  check_output(out_stats, "out_stats", hidden, DType::Float32, {B, kNumStatColumns});
+  check_output(out_counts, "out_counts", hidden, DType::Int64, {B, kNumCountColumns});
+  const TensorView scratch = view_of(scratch_c, "scratch");
+  check_output(scratch, "scratch", hidden, DType::Float64, {2, B, T});
+  p.scratch = static_cast<double*>(scratch.data);
+  p.out_tokens = static_cast<float*>(out_tokens.data);
+  p.out_defined = static_cast<uint8_t*>(out_defined.data);
+  p.out_stats = static_cast<float*>(out_stats.data);
+  p.out_counts = static_cast<int64_t*>(out_counts.data);
+  if (num_threads < 1) throw ArgumentError("num_threads must be >= 1");
+  p.num_threads = num_threads;
+  p.stream = reinterpret_cast<void*>(stream);
+  p.device_index = hidden.device_index;
+
+  EnergyStatus status;
+  if (hidden.device == Device::CPU) {
+    py::gil_scoped_release release;
+    status = energy_cpu(p);
+  } else {
+#ifdef MPPM_EXT_WITH_CUDA
+    py::gil_scoped_release release;
+    status = energy_cuda(p);
+#else
+    throw ArgumentError("this build of mppm_ext has no CUDA kernels (built without nvcc)");
+#endif
+  }
+  std::ostringstream s;
+  s << " at batch " << status.b << ", position " << status.t;
+  switch (status.fault) {
+    case EnergyFault::None: return;
+    case EnergyFault::TokenOutOfRange:
+      throw ArgumentError("tokens holds id " + std::to_string(status.token) + s.str() +
+                          ", outside the vocabulary [0, " + std::to_string(p.V) + ")");
+    case EnergyFault::NonFiniteLogits:
+      throw ArgumentError("logits holds NaN or inf in the row" + s.str());
+    case EnergyFault::NonFiniteHidden:
+      throw ArgumentError("hidden holds NaN or inf in the step into" + s.str() +
+                          " (the state there or one position before)");
+  }
+}
+
+int cuda_device_count() {
+#ifdef MPPM_EXT_WITH_CUDA
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no device" / "no driver" error
+    return 0;
+  }
+  return n;
+#else
+  return 0;
+#endif
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = MPPM_EXT_VERSION;
+  info["compiler"] = MPPM_EXT_COMPILER;
+#if defined(MPPM_EXT_X86_ISAS)
+  info["cpu_isas_compiled"] = std::vector<std::string>{"avx512", "avx2", "baseline"};
+#else
+  info["cpu_isas_compiled"] = std::vector<std::string>{"baseline"};
+#endif
+  info["cpu_isas_supported"] = cpu::supported_isas();
+  info["cpu_isa"] = std::string(cpu::active_kernels().name);
+#ifdef _OPENMP
+  info["openmp"] = int(_OPENMP);
+#else
+  info["openmp"] = py::none();
+#endif
+#ifdef MPPM_EXT_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_runtime_version"] = int(CUDART_VERSION);
+  info["cuda_architectures"] = std::string(MPPM_EXT_CUDA_ARCHS);
+#else
+  info["cuda"] = false;
+  info["cuda_runtime_version"] = py::none();
+  info["cuda_architectures"] = py::none();
+#endif
+  info["cuda_device_count"] = cuda_device_count();
+  return info;
+}
+
+}  // namespace
+}  // namespace mppm
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mppm_ext compiled kernels (torch-free; called through mppm_ext.ops)";
+  py::register_exception<mppm::ArgumentError>(m, "ArgumentError", PyExc_ValueError);
+  py::register_exception<mppm::DTypeError>(m, "DTypeError", PyExc_TypeError);
+  m.def("energy", &mppm::energy, py::arg("hidden"), py::arg("logits"), py::arg("tokens"), py::arg("mask"),
+        py::arg("ignore_index"), py::arg("out_tokens"), py::arg("out_defined"), py::arg("out_stats"),
+        py::arg("out_counts"), py::arg("scratch"), py::arg("num_threads"), py::arg("stream"),
+        "Fused energy op on DLPack views; see csrc/include/mppm/energy.h for the layout.");
+  m.def("build_info", &mppm::build_info, "What this binary was compiled with.");
+  m.def("cpu_isas", &mppm::cpu::supported_isas, "CPU instruction sets compiled and supported here, best first.");
+  m.def("set_cpu_isa", &mppm::cpu::set_isa, py::arg("name"), "Pin the CPU row kernels to one instruction set.");
+  m.def("cpu_isa", [] { return std::string(mppm::cpu::active_kernels().name); });
+  m.attr("NUM_TOKEN_QUANTITIES") = int(mppm::kNumTokenQuantities);
+  m.attr("NUM_STAT_COLUMNS") = int(mppm::kNumStatColumns);
+  m.attr("NUM_COUNT_COLUMNS") = int(mppm::kNumCountColumns);
+}

@@ -1,0 +1,36 @@
+// The two inner loops of the CPU `energy` kernel, compiled once per instruction set and chosen at run
+// time, so that one binary uses AVX-512 where the CPU has it and still runs on any x86-64 or aarch64.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "mppm/tensor_view.h"
+
+namespace mppm::cpu {
+
+struct RowKernels {
+  const char* name;
+  // log(sum_i exp(row[i])) over a row of n logits, accumulated in fp32 lanes and double tiles.
+  // Sets *finite to false when the row holds a NaN or an infinity.
+  double (*logsumexp)(const void* row, int64_t n, DType dtype, bool* finite);
+  // sum_i (a[i] - b[i])^2 over n elements, in double.
+  double (*squared_distance)(const void* a, const void* b, int64_t n, DType dtype);
+};
+
+// One declaration per compiled instruction set (row_kernels_<isa>.cpp).
+namespace baseline { extern const RowKernels kernels; }
+#if defined(MPPM_EXT_X86_ISAS)
+namespace avx2 { extern const RowKernels kernels; }
+namespace avx512 { extern const RowKernels kernels; }
+#endif
+
+// The instruction sets this build holds and this CPU can run, best first.
+std::vector<std::string> supported_isas();
+// The kernels in use: the best supported, or the one named by set_isa / MPPM_EXT_CPU_ISA.
+const RowKernels& active_kernels();
+// Raises std::invalid_argument for a name that is not in supported_isas().
+void set_isa(const std::string& name);
+
+}  // namespace mppm::cpu

@@ -1,0 +1,4 @@
+// Row kernels for the avx512 instruction set; the flags are set on this file in CMakeLists.txt.
+#define MPPM_ISA avx512
+#define MPPM_ISA_NAME "avx512"
+#include "row_kernels.inc"

@@ -1,0 +1,106 @@
+// The `energy` op contract shared by the CPU and CUDA kernels: a plain parameter struct that the
+// host code in bindings.cpp fills after validating every view, and the layout of the outputs.
+//
+// Definitions follow shared/design/science.md. For position t of sequence b:
+//   real[t]        token t is neither masked out nor ignore_index
+//   log_prob[t]    log softmax(z_t)[x_{t+1}], defined when real[t] and real[t+1] (t <= T-2)
+//   kinetic[t]     0.5 * ||h_t - h_{t-1}||^2,  defined when real[t] and real[t-1] (t >= 1)
+//   valid[t]       both are defined; the energy-type quantities exist only there.
+// The kernels write 0 into undefined entries and say what is defined in out_defined; the Python
+// wrapper turns undefined entries into NaN. (NaN-free op outputs keep torch.library.opcheck's exact
+// eager-vs-compiled comparison meaningful.)
+#pragma once
+
+#include <cstdint>
+
+#include "mppm/tensor_view.h"
+
+namespace mppm {
+
+// Order of the per-token output planes, out_tokens[q, b, t]. Python's ops.TOKEN_QUANTITIES mirrors it.
+enum TokenQuantity : int {
+  kLogProb = 0,
+  kSurprisal,
+  kKinetic,
+  kLogKinetic,
+  kEnergy,
+  kLogEnergy,
+  kAdditiveEnergy,
+  kLogLagrangian,
+  kNumTokenQuantities
+};
+
+// Statistics are kept for the token quantities plus point perplexity (exp(surprisal)).
+constexpr int kPpl = kNumTokenQuantities;
+constexpr int kNumStatQuantities = kNumTokenQuantities + 1;
+
+// Bits of out_defined[b, t].
+constexpr uint8_t kDefinedLogProb = 1;
+constexpr uint8_t kDefinedKinetic = 2;
+
+// Columns of out_stats[b, :]: mean[q], std[q], cv[q] for every stat quantity q, then corr(log K, s).
+constexpr int kStatMean = 0;
+constexpr int kStatStd = kNumStatQuantities;
+constexpr int kStatCv = 2 * kNumStatQuantities;
+constexpr int kStatCorr = 3 * kNumStatQuantities;
+constexpr int kNumStatColumns = 3 * kNumStatQuantities + 1;
+
+// Columns of out_counts[b, :].
+constexpr int kCountUsed = 0;          // valid positions with kinetic > 0: the statistics' population
+constexpr int kCountZeroKinetic = 1;   // valid positions left out because kinetic == 0 (log K = -inf)
+constexpr int kNumCountColumns = 2;
+
+struct EnergyParams {
+  int64_t B = 0, T = 0, d = 0, V = 0;
+
+  // hidden[b, t, :] at hidden + b*hidden_sb + t*hidden_st, unit stride along d.
+  const void* hidden = nullptr;
+  DType hidden_dtype = DType::Float32;
+  int64_t hidden_sb = 0, hidden_st = 0;
+
+  // logits[b, t, :] likewise, unit stride along V.
+  const void* logits = nullptr;
+  DType logits_dtype = DType::Float32;
+  int64_t logits_sb = 0, logits_st = 0;
+
+  const void* tokens = nullptr;  // int32 or int64
+  DType tokens_dtype = DType::Int64;
+  int64_t tokens_sb = 0, tokens_st = 0;
+
+  const uint8_t* mask = nullptr;  // optional; nonzero = real token
+  int64_t mask_sb = 0, mask_st = 0;
+
+  int64_t ignore_index = -100;
+
+  // Outputs, contiguous: [kNumTokenQuantities, B, T] fp32, [B, T] uint8 (kDefined* bits),
+  // [B, kNumStatColumns] fp32, [B, kNumCountColumns] int64.
+  float* out_tokens = nullptr;
+  uint8_t* out_defined = nullptr;
+  float* out_stats = nullptr;
+  int64_t* out_counts = nullptr;
+
+  // Scratch, contiguous [2, B, T] float64: log_prob and kinetic kept at full precision for the
+  // statistics (means of exp(log K + s) amplify float32 rounding of s beyond the tolerance).
+  double* scratch = nullptr;
+
+  int num_threads = 1;        // CPU only
+  void* stream = nullptr;     // CUDA only: cudaStream_t
+  int device_index = 0;       // CUDA only
+};
+
+// What a kernel found wrong in the data itself (the shapes were checked before it ran).
+// The first offending position in (b, t) order is reported, so the message is deterministic.
+enum class EnergyFault : int { None = 0, TokenOutOfRange, NonFiniteLogits, NonFiniteHidden };
+
+struct EnergyStatus {
+  EnergyFault fault = EnergyFault::None;
+  int64_t b = -1, t = -1;
+  int64_t token = 0;  // the offending id, for TokenOutOfRange
+};
+
+EnergyStatus energy_cpu(const EnergyParams& p);
+#ifdef MPPM_EXT_WITH_CUDA
+EnergyStatus energy_cuda(const EnergyParams& p);
+#endif
+
+}  // namespace mppm

@@ -1,0 +1,73 @@
+"""Backend choice for every op: ``impl="auto"`` walks a priority list and keeps, for each backend it
+skips, the reason; an explicit ``impl`` that cannot run raises with that reason. The environment
+variable ``MPPM_EXT_IMPL`` replaces ``"auto"`` for whole runs."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Sequence
+
+import torch
+
+#: Priority order of the backends when ``impl="auto"``.
+PRIORITY = ("cuda", "triton", "cpp", "reference")
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when the requested backend (or every backend) cannot run the given inputs."""
+
+
+def _compiled_module():
+    try:
+        from . import _C
+    except ImportError as exc:  # a source checkout on sys.path instead of the installed package
+        return None, f"the compiled module mppm_ext._C is not importable ({exc})"
+    return _C, None
+
+
+def compiled():
+    """The compiled module ``mppm_ext._C``, or raise with the reason it is missing."""
+    module, reason = _compiled_module()
+    if module is None:
+        raise BackendUnavailableError(reason)
+    return module
+
+
+def cpp_reason(device: torch.device) -> Optional[str]:
+    if device.type not in ("cpu", "meta"):
+        return f"the cpp backend runs on CPU tensors, these are on {device}"
+    return _compiled_module()[1]
+
+
+def cuda_reason(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return f"the cuda backend runs on CUDA tensors, these are on {device}"
+    module, reason = _compiled_module()
+    if module is None:
+        return reason
+    if not module.build_info()["cuda"]:
+        return "this build of mppm_ext has no CUDA kernels (no nvcc when it was built)"
+    return None
+
+
+def choose(op: str, impl: str, reasons: dict[str, Callable[[], Optional[str]]]) -> str:
+    """Pick the backend for ``op``.
+
+    Args:
+        op: the op's name, for messages.
+        impl: ``"auto"`` or one of ``PRIORITY``.
+        reasons: for every backend the op has, a callable returning why it cannot run these inputs
+            (``None`` when it can). Backends missing from the mapping do not exist for this op.
+    """
+    if impl == "auto":
+        impl = os.environ.get("MPPM_EXT_IMPL", "auto") or "auto"
+    if impl != "auto" and impl not in PRIORITY:
+        raise ValueError(f"impl must be 'auto' or one of {PRIORITY}, got {impl!r}")
+    candidates: Sequence[str] = PRIORITY if impl == "auto" else (impl,)
+    skipped = []
+    for name in candidates:
+        why = reasons[name]() if name in reasons else f"{op} has no {name} backend"
+        if why is None:
+            return name
+        skipped.append(f"{name}: {why}")
+    raise BackendUnavailableError(f"{op}: no backend can run these inputs (" + "; ".join(skipped) + ")")

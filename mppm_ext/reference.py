@@ -1,0 +1,100 @@
+"""Plain-PyTorch definitions of every quantity mppm_ext computes: the specification the kernels must
+match (see shared/design/science.md). Written for clarity, not speed: it materialises ``[B, T, V]``
+log-probabilities. Computes in the dtype it is given; the tests call it in float64 for the truth.
+
+Shapes: hidden ``[B, T, d]``, logits ``[B, T, V]``, tokens ``[B, T]`` (int), attention_mask ``[B, T]``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .results import STAT_QUANTITIES, EnergyResult, EnergyStats
+
+
+def real_tokens(tokens: Tensor, attention_mask: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
+    """``[B, T]`` bool: token t takes part (mask nonzero and not ``ignore_index``)."""
+    real = tokens != ignore_index
+    if attention_mask is not None:
+        real = real & (attention_mask != 0)
+    return real
+
+
+def _nan_like(x: Tensor) -> Tensor:
+    return torch.full_like(x, float("nan"))
+
+
+def token_log_prob(logits: Tensor, tokens: Tensor, real: Tensor) -> Tensor:
+    """``[B, T]``: log softmax(z_t)[x_{t+1}] where tokens t and t+1 are real, NaN elsewhere."""
+    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+    targets = torch.where(real[:, 1:], tokens[:, 1:], 0).long()
+    picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    defined = real[:, :-1] & real[:, 1:]
+    out = _nan_like(logits[..., 0])
+    out[:, :-1] = torch.where(defined, picked, float("nan"))
+    return out
+
+
+def kinetic(hidden: Tensor, real: Tensor) -> Tensor:
+    """``[B, T]``: K_t = ½‖h_t − h_{t−1}‖² where tokens t−1 and t are real, NaN elsewhere."""
+    velocity = hidden[:, 1:] - hidden[:, :-1]
+    k = 0.5 * (velocity * velocity).sum(-1)
+    defined = real[:, 1:] & real[:, :-1]
+    out = _nan_like(hidden[..., 0])
+    out[:, 1:] = torch.where(defined, k, float("nan"))
+    return out
+
+
+def token_quantities(log_prob: Tensor, kin: Tensor) -> dict[str, Tensor]:
+    """Every per-token quantity from log p_t and K_t (science.md, "Definitions")."""
+    valid = ~log_prob.isnan() & ~kin.isnan()
+    surprisal = -log_prob
+    log_kinetic = torch.log(kin)
+
+    def where_valid(x: Tensor) -> Tensor:
+        return torch.where(valid, x, float("nan"))
+
+    return {
+        "log_prob": log_prob,
+        "surprisal": surprisal,
+        "kinetic": kin,
+        "log_kinetic": log_kinetic,
+        "energy": where_valid(kin * torch.exp(surprisal)),
+        "log_energy": where_valid(log_kinetic + surprisal),
+        "additive_energy": where_valid(kin + log_prob),
+        "log_lagrangian": where_valid(log_kinetic - surprisal),
+        "valid": valid,
+    }
+
+
+def sequence_stats(q: dict[str, Tensor]) -> EnergyStats:
+    """Per-sequence mean, population std, CV and corr(log K, s) over the valid positions with K > 0."""
+    used = q["valid"] & (q["kinetic"] > 0)
+    zero = q["valid"] & (q["kinetic"] == 0)
+    count = used.sum(-1)
+    n = count.to(q["kinetic"].dtype)
+    values = {name: q[name] for name in STAT_QUANTITIES if name != "ppl"}
+    values["ppl"] = torch.exp(q["surprisal"])
+    mean, std, cv, centred = {}, {}, {}, {}
+    for name, x in values.items():
+        x = torch.where(used, x, 0.0)
+        mean[name] = x.sum(-1) / n
+        centred[name] = torch.where(used, x - mean[name].unsqueeze(-1), 0.0)
+        std[name] = torch.sqrt((centred[name] ** 2).sum(-1) / n)
+        cv[name] = std[name] / mean[name].abs()
+    cross = (centred["log_kinetic"] * centred["surprisal"]).sum(-1)
+    corr = cross / torch.sqrt((centred["log_kinetic"] ** 2).sum(-1) * (centred["surprisal"] ** 2).sum(-1))
+    return EnergyStats(count=count, zero_kinetic=zero.sum(-1), mean=mean, std=std, cv=cv,
+                       corr_log_kinetic_surprisal=corr)
+
+
+def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, attention_mask: Optional[Tensor] = None,
+           ignore_index: int = -100) -> EnergyResult:
+    """Reference for :func:`mppm_ext.energy` on batched inputs; results in the inputs' dtypes."""
+    real = real_tokens(tokens, attention_mask, ignore_index)
+    q = token_quantities(token_log_prob(logits, tokens, real), kinetic(hidden, real))
+    stats = sequence_stats(q)
+    return EnergyResult(**q, stats=stats)

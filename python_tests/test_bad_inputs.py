@@ -1,0 +1,172 @@
+"""Bad input gives a clear Python exception naming the argument, from the public API and from the
+compiled module called directly; never a crash or silent NaN."""
+
+import pytest
+import torch
+from torch.utils.dlpack import to_dlpack
+
+import mppm_ext
+from helpers import make_inputs
+from mppm_ext import _dispatch
+
+B, T, d, V = 2, 6, 8, 50
+
+
+def inputs():
+    return make_inputs(B, T, d, V)
+
+
+def case(name, exc, match, **changes):
+    return pytest.param(changes, exc, match, id=name)
+
+
+def _bad(**changes):
+    hidden, logits, tokens = inputs()
+    args = {"hidden": hidden, "logits": logits, "tokens": tokens}
+    for key, fn in changes.items():
+        args[key] = fn(args)
+    return args
+
+
+CASES = [
+    case("hidden_not_tensor", TypeError, "hidden must be a torch.Tensor", hidden=lambda a: a["hidden"].tolist()),
+    case("hidden_rank_4", ValueError, "hidden must be", hidden=lambda a: a["hidden"][None]),
+    case("hidden_rank_1", ValueError, "hidden must be", hidden=lambda a: a["hidden"][0, 0]),
+    case("logits_rank", ValueError, "logits must have 3", logits=lambda a: a["logits"][0]),
+    case("tokens_rank", ValueError, "tokens 2", tokens=lambda a: a["tokens"][0]),
+    case("batch_mismatch", ValueError, "must agree on batch and length", logits=lambda a: a["logits"][:1]),
+    case("length_mismatch", ValueError, "must agree on batch and length", tokens=lambda a: a["tokens"][:, :-1]),
+    case("empty_batch", ValueError, "batch is empty", hidden=lambda a: a["hidden"][:0], logits=lambda a: a["logits"][:0],
+         tokens=lambda a: a["tokens"][:0]),
+    case("empty_sequence", ValueError, "at least 3 tokens", hidden=lambda a: a["hidden"][:, :0],
+         logits=lambda a: a["logits"][:, :0], tokens=lambda a: a["tokens"][:, :0]),
+    case("length_1", ValueError, "at least 3 tokens", hidden=lambda a: a["hidden"][:, :1],
+         logits=lambda a: a["logits"][:, :1], tokens=lambda a: a["tokens"][:, :1]),
+    case("length_2", ValueError, "at least 3 tokens", hidden=lambda a: a["hidden"][:, :2],
+         logits=lambda a: a["logits"][:, :2], tokens=lambda a: a["tokens"][:, :2]),
+    case("empty_vocab", ValueError, "got d=8, V=0", logits=lambda a: a["logits"][..., :0]),
+    case("empty_hidden", ValueError, "got d=0, V=50", hidden=lambda a: a["hidden"][..., :0]),
+    case("float_tokens", TypeError, "int32 or int64", tokens=lambda a: a["tokens"].float()),
+    case("int16_tokens", TypeError, "int32 or int64", tokens=lambda a: a["tokens"].short()),
+    case("token_too_large", ValueError, r"tokens\[1, 3\] = 50 is outside the vocabulary \[0, 50\)",
+         tokens=lambda a: a["tokens"].index_put((torch.tensor(1), torch.tensor(3)), torch.tensor(V))),
+    case("token_negative", ValueError, "outside the vocabulary",
+         tokens=lambda a: a["tokens"].index_put((torch.tensor(0), torch.tensor(0)), torch.tensor(-1))),
+    case("int_hidden", TypeError, "hidden has dtype torch.int64", hidden=lambda a: a["hidden"].long()),
+    case("complex_logits", TypeError, "logits has dtype torch.complex64", logits=lambda a: a["logits"].cfloat()),
+    case("float64_logits", TypeError, "float64 runs only with impl='reference'", logits=lambda a: a["logits"].double()),
+    case("nan_logits", ValueError, "logits holds NaN or inf in the row at batch 1, position 2",
+         logits=lambda a: a["logits"].index_put((torch.tensor(1), torch.tensor(2), torch.tensor(7)), torch.tensor(float("nan")))),
+    case("inf_logits", ValueError, "logits holds NaN or inf",
+         logits=lambda a: a["logits"].index_put((torch.tensor(0), torch.tensor(4), torch.tensor(0)), torch.tensor(float("inf")))),
+    case("neg_inf_logits", ValueError, "logits holds NaN or inf",
+         logits=lambda a: a["logits"].index_put((torch.tensor(0), torch.tensor(4), torch.tensor(49)), torch.tensor(-float("inf")))),
+    case("nan_hidden", ValueError, "hidden holds NaN or inf",
+         hidden=lambda a: a["hidden"].index_put((torch.tensor(0), torch.tensor(3), torch.tensor(1)), torch.tensor(float("nan")))),
+    case("meta_and_cpu", ValueError, "all tensors must be on one device", logits=lambda a: a["logits"].to("meta")),
+]
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+@pytest.mark.parametrize("changes,exc,match", CASES)
+def test_public_api_rejects(changes, exc, match, impl):
+    if impl == "reference" and "float64" in match:
+        pytest.skip("float64 is accepted by the reference")
+    if impl == "reference" and "in the row at" in match:
+        match = "logits holds NaN or inf"  # the reference names no position
+    with pytest.raises(exc, match=match):
+        mppm_ext.energy(**_bad(**changes), impl=impl)
+
+
+def test_mask_errors():
+    hidden, logits, tokens = inputs()
+    with pytest.raises(ValueError, match="attention_mask must have the shape of tokens"):
+        mppm_ext.energy(hidden, logits, tokens, attention_mask=torch.ones(B, T + 1))
+    with pytest.raises(TypeError, match="attention_mask must be bool or integer"):
+        mppm_ext.energy(hidden, logits, tokens, attention_mask=torch.ones(B, T))
+    with pytest.raises(TypeError, match="attention_mask must be a torch.Tensor"):
+        mppm_ext.energy(hidden, logits, tokens, attention_mask=[[1] * T] * B)
+
+
+def test_masked_positions_may_hold_garbage():
+    hidden, logits, tokens = inputs()
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, :2] = False
+    tokens[0, :2] = -5
+    logits[0, :2] = float("nan")
+    hidden[0, 0] = float("inf")
+    r = mppm_ext.energy(hidden, logits, tokens, attention_mask=mask)
+    assert r.valid[0].sum() == T - 4 and not r.energy[r.valid].isnan().any()
+
+
+def test_impl_errors():
+    hidden, logits, tokens = inputs()
+    with pytest.raises(ValueError, match="impl must be 'auto' or one of"):
+        mppm_ext.energy(hidden, logits, tokens, impl="fast")
+    with pytest.raises(mppm_ext.BackendUnavailableError, match="cuda: the cuda backend runs on CUDA tensors"):
+        mppm_ext.energy(hidden, logits, tokens, impl="cuda")
+    with pytest.raises(mppm_ext.BackendUnavailableError, match="energy has no triton backend"):
+        mppm_ext.energy(hidden, logits, tokens, impl="triton")
+
+
+def test_environment_overrides_auto(monkeypatch):
+    hidden, logits, tokens = inputs()
+    monkeypatch.setenv("MPPM_EXT_IMPL", "reference")
+    with pytest.raises(TypeError, match="float64"):
+        mppm_ext.energy(hidden, logits.double(), tokens.double().long(), impl="cpp")
+    mppm_ext.energy(hidden, logits.double(), tokens)  # float64 is fine: auto became reference
+
+
+def test_meta_tensors_give_shapes():
+    hidden, logits, tokens = (t.to("meta") for t in inputs())
+    r = mppm_ext.energy(hidden, logits, tokens)
+    assert r.energy.shape == (B, T) and r.energy.device.type == "meta" and r.stats.count.shape == (B,)
+
+
+def test_unknown_cpu_isa():
+    with pytest.raises(ValueError, match="not available"):
+        mppm_ext.set_cpu_isa("avx9000")
+
+
+class TestCompiledModuleDirectly:
+    """mppm_ext._C checks its own arguments: a caller that bypasses the Python API cannot crash it."""
+
+    def args(self, **over):
+        hidden, logits, tokens = inputs()
+        out = {
+            "hidden": hidden, "logits": logits, "tokens": tokens, "mask": None,
+            "out_tokens": torch.empty(8, B, T), "out_defined": torch.empty(B, T, dtype=torch.uint8),
+            "out_stats": torch.empty(B, 28), "out_counts": torch.empty(B, 2, dtype=torch.int64),
+            "scratch": torch.empty(2, B, T, dtype=torch.float64),
+        }
+        out.update(over)
+        return {k: (to_dlpack(v) if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+
+    def call(self, **over):
+        _dispatch.compiled().energy(**self.args(**over), ignore_index=-100, num_threads=1, stream=0)
+
+    def test_good_call(self):
+        self.call()
+
+    @pytest.mark.parametrize("over,exc,match", [
+        ({"hidden": "not a capsule"}, TypeError, "hidden must be a DLPack capsule"),
+        ({"hidden": torch.zeros(B, T)}, ValueError, "hidden must have 3 dimensions"),
+        ({"logits": torch.zeros(B, T + 1, V)}, ValueError, r"logits.shape\[1\] must equal"),
+        ({"logits": torch.zeros(B, T, V, dtype=torch.float64)}, TypeError, "logits has dtype float64"),
+        ({"logits": torch.zeros(B, T, 2 * V)[..., ::2]}, ValueError, "contiguous in its last dimension"),
+        ({"tokens": torch.zeros(B, T)}, TypeError, "tokens has dtype float32"),
+        ({"tokens": torch.full((B, T), V)}, ValueError, "tokens holds id 50 at batch 0, position 0"),
+        ({"mask": torch.ones(B, T, dtype=torch.int64)}, TypeError, "mask has dtype int64"),
+        ({"out_tokens": torch.empty(8, B, T + 1)}, ValueError, r"out_tokens.shape\[2\]"),
+        ({"out_stats": torch.empty(28, B).t()}, ValueError, "out_stats must be a contiguous tensor"),
+        ({"out_counts": torch.empty(B, 2)}, TypeError, "out_counts has dtype float32"),
+        ({"scratch": torch.empty(2, B, T)}, TypeError, "scratch has dtype float32"),
+        ({"hidden": torch.zeros(B, T, 0)}, ValueError, "non-empty last dimension"),
+    ], ids=lambda x: x if isinstance(x, str) and len(x) < 30 else None)
+    def test_bad_views(self, over, exc, match):
+        with pytest.raises(exc, match=match):
+            self.call(**over)
+
+    def test_bad_thread_count(self):
+        with pytest.raises(ValueError, match="num_threads"):
+            _dispatch.compiled().energy(**self.args(), ignore_index=-100, num_threads=0, stream=0)

@@ -1,0 +1,51 @@
+"""The custom op under torch's own checks: opcheck (schema, fake impl, dispatch) and torch.compile."""
+
+import pytest
+import torch
+
+import mppm_ext
+from conftest import kernel_backends
+from helpers import make_inputs
+from mppm_ext.results import unpack_energy
+
+pytestmark = pytest.mark.parametrize("backend", kernel_backends())
+
+
+def op_args(device, mask):
+    hidden, logits, tokens = make_inputs(2, 9, 16, 301, logits_dtype=torch.bfloat16, device=device)
+    m = torch.rand(2, 9, device=device) > 0.2 if mask else None
+    return hidden, logits, tokens, m, -100
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_opcheck(backend, mask):
+    _, device = backend
+    torch.library.opcheck(torch.ops.mppm_ext.energy.default, op_args(device, mask))
+
+
+def test_compile_fullgraph(backend):
+    _, device = backend
+    hidden, logits, tokens, mask, _ = op_args(device, True)
+
+    def pipeline(h, z, x, m):
+        # The op between elementwise work that inductor fuses (reductions would reorder sums).
+        per_token, defined, stats, counts = torch.ops.mppm_ext.energy(h * 2.0, z, x, m, -100)
+        return per_token.neg(), defined, stats * 3.0, counts
+
+    compiled = torch.compile(pipeline, fullgraph=True, dynamic=False)
+    expected = pipeline(hidden, logits, tokens, mask)
+    for got, want in zip(compiled(hidden, logits, tokens, mask), expected):
+        assert torch.equal(got, want)
+
+
+def test_compile_public_function(backend):
+    impl, device = backend
+    hidden, logits, tokens, mask, _ = op_args(device, True)
+
+    def analysis(h, z, x, m):
+        return mppm_ext.energy(h, z, x, attention_mask=m, impl=impl).stats.cv["log_energy"]
+
+    eager = analysis(hidden, logits, tokens, mask)
+    compiled = torch.compile(analysis)(hidden, logits, tokens, mask)
+    assert torch.equal(compiled, eager)
+    assert unpack_energy  # the packed layout is public for users of the raw op
