@@ -14,6 +14,10 @@ from torch import Tensor
 
 from .results import STAT_QUANTITIES, EnergyResult, EnergyStats
 
+#: corr(log K, s) is NaN when either part's std is below this fraction of its mean (kFlatRelativeStd in
+#: csrc/include/mppm/energy_math.h): sum/n need not reproduce a constant exactly.
+FLAT_RELATIVE_STD = 1e-12
+
 
 def real_tokens(tokens: Tensor, attention_mask: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
     """``[B, T]`` bool: token t takes part (mask nonzero and not ``ignore_index``)."""
@@ -87,6 +91,11 @@ def sequence_stats(q: dict[str, Tensor]) -> EnergyStats:
         cv[name] = std[name] / mean[name].abs()
     cross = (centred["log_kinetic"] * centred["surprisal"]).sum(-1)
     corr = cross / torch.sqrt((centred["log_kinetic"] ** 2).sum(-1) * (centred["surprisal"] ** 2).sum(-1))
+    # A part that is constant up to the rounding of its mean correlates with nothing.
+    flat = torch.zeros_like(count, dtype=torch.bool)
+    for name in ("log_kinetic", "surprisal"):
+        flat |= (centred[name] ** 2).sum(-1) <= n * (FLAT_RELATIVE_STD * mean[name]) ** 2
+    corr = torch.where(flat, float("nan"), corr)
     return EnergyStats(count=count, zero_kinetic=zero.sum(-1), mean=mean, std=std, cv=cv,
                        corr_log_kinetic_surprisal=corr)
 

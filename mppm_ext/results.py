@@ -39,7 +39,8 @@ class EnergyStats:
         corr_log_kinetic_surprisal: Pearson correlation of log K and surprisal.
 
     A sequence with no used position has count 0 and NaN statistics; with one used position the std
-    and cv are 0 and the correlation is NaN.
+    and cv are 0 and the correlation is NaN. The correlation is also NaN when log K or surprisal is
+    constant along the sequence (std below 1e-12 of its mean: rounding of a constant).
     """
 
     count: Tensor

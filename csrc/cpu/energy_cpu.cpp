@@ -55,9 +55,7 @@ EnergyFault process_position(const EnergyParams& p, const cpu::RowKernels& k, co
     kinetic = 0.5 * k.squared_distance(seq.hidden(t), seq.hidden(t - 1), p.d, p.hidden_dtype);
     if (!std::isfinite(kinetic)) return EnergyFault::NonFiniteHidden;
   }
-  p.out_defined[idx] = write_token_quantities(p.out_tokens, p.B * p.T, idx, has_lp, lp, has_k, kinetic);
-  p.scratch[idx] = lp;
-  p.scratch[p.B * p.T + idx] = kinetic;
+  record_position(p, idx, has_lp, lp, has_k, kinetic);
   return EnergyFault::None;
 }
 

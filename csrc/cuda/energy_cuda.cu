@@ -146,16 +146,17 @@ __device__ __forceinline__ void absorb_element(OnlineLse& a, T x) {
 // This thread's share of logsumexp(row[0, n)). The bulk is read as 16-byte vectors from the first
 // 16-byte boundary on; the fewer than 16 / sizeof(T) elements before it and after the last whole
 // vector are read one per thread. Rows of a contiguous tensor with V * sizeof(T) % 16 == 0 (and a
-// 16-byte aligned base) have neither. Assumes the row is aligned to its element size, as every DLPack producer's tensors are.
-// Which thread reads which element depends only on n and the row's address, so the result is
-// reproducible.
+// 16-byte aligned base) have neither. Assumes the row is aligned to its element size, as every DLPack
+// producer's tensors are. Which thread reads which element depends only on n and the row's address,
+// so the result is reproducible.
 template <typename T>
 __device__ __forceinline__ OnlineLse logsumexp_part(const T* row, int64_t n) {
   constexpr int kVec = 16 / sizeof(T);
   const int tid = threadIdx.x;
   OnlineLse a{-INFINITY, 0.0f, 0.0f};
 
-  const int64_t to_boundary = int64_t((16 - reinterpret_cast<uintptr_t>(row) % 16) % 16) / int64_t(sizeof(T));
+  const int64_t to_boundary_bytes = int64_t((16 - reinterpret_cast<uintptr_t>(row) % 16) % 16);
+  const int64_t to_boundary = to_boundary_bytes / int64_t(sizeof(T));
   const int64_t head = to_boundary < n ? to_boundary : n;
   const int64_t n_vec = (n - head) / kVec;
   const int64_t tail = head + n_vec * kVec;
@@ -293,12 +294,13 @@ __device__ __forceinline__ EnergyFault process_row(const EnergyParams& p, int64_
   const double lp = has_lp ? double(target_logit) - (double(row_max) + log(lse_sum)) : 0.0;
   const double kinetic = has_k ? 0.5 * sq_sum : 0.0;
   if (has_k && !isfinite(kinetic)) return EnergyFault::NonFiniteHidden;
-  p.out_defined[row] = write_token_quantities(p.out_tokens, p.B * p.T, row, has_lp, lp, has_k, kinetic);
+  record_position(p, row, has_lp, lp, has_k, kinetic);
   return EnergyFault::None;
 }
 
 template <typename LT, typename HT>
-__global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM) energy_rows_kernel(const EnergyParams p, unsigned long long* fault) {
+__global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM)
+    energy_rows_kernel(const EnergyParams p, unsigned long long* fault) {
   __shared__ RowScratch scratch;
   const int64_t n_rows = p.B * p.T;
   for (int64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
@@ -344,8 +346,8 @@ __global__ void __launch_bounds__(kStatThreads) sequence_stats_kernel(const Ener
   const int tid = threadIdx.x;
   const int64_t plane = p.B * p.T;
   for (int64_t b = blockIdx.x; b < p.B; b += gridDim.x) {
-    const float* lp = p.out_tokens + kLogProb * plane + b * p.T;
-    const float* kin = p.out_tokens + kKinetic * plane + b * p.T;
+    const double* lp = p.scratch + b * p.T;
+    const double* kin = p.scratch + plane + b * p.T;
     const uint8_t* defined = p.out_defined + b * p.T;
 
     StatSums first;

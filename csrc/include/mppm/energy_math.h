@@ -45,6 +45,15 @@ MPPM_HD uint8_t write_token_quantities(float* out_tokens, int64_t plane, int64_t
   return uint8_t((has_lp ? kDefinedLogProb : 0) | (has_k ? kDefinedKinetic : 0));
 }
 
+// Everything one position produces: its per-token planes, its kDefined* bits, and the full-precision
+// log_prob and kinetic that the statistics pass reads back.
+MPPM_HD void record_position(const EnergyParams& p, int64_t idx, bool has_lp, double lp, bool has_k, double k) {
+  const int64_t plane = p.B * p.T;
+  p.out_defined[idx] = write_token_quantities(p.out_tokens, plane, idx, has_lp, lp, has_k, k);
+  p.scratch[idx] = lp;
+  p.scratch[plane + idx] = k;
+}
+
 // Both bits set: the position is valid.
 MPPM_HD bool is_valid(uint8_t defined) { return defined == (kDefinedLogProb | kDefinedKinetic); }
 
@@ -100,6 +109,15 @@ MPPM_HD void first_pass_means(const StatSums& a, double* mean) {
   for (int q = 0; q < kNumStatQuantities; ++q) mean[q] = a.used > 0 ? a.sum[q] / double(a.used) : 0.0;
 }
 
+// A quantity whose spread is rounding noise of its mean (sum/n need not reproduce a constant exactly)
+// has no correlation with anything: corr(log K, s) is then NaN, as it is for an exact constant.
+constexpr double kFlatRelativeStd = 1e-12;
+
+MPPM_HD bool constant_within_rounding(const StatSums& a, int q) {
+  const double mean = a.sum[q] / double(a.used);
+  return a.centred_sq[q] <= double(a.used) * (kFlatRelativeStd * mean) * (kFlatRelativeStd * mean);
+}
+
 MPPM_HD void finish_stats(const StatSums& a, float* out_stats, int64_t* out_counts) {
   out_counts[kCountUsed] = a.used;
   out_counts[kCountZeroKinetic] = a.zero_kinetic;
@@ -111,8 +129,9 @@ MPPM_HD void finish_stats(const StatSums& a, float* out_stats, int64_t* out_coun
     out_stats[kStatStd + q] = float(sd);
     out_stats[kStatCv + q] = float(sd / fabs(mean));
   }
+  const bool flat = constant_within_rounding(a, kLogKinetic) || constant_within_rounding(a, kSurprisal);
   const double denom = sqrt(a.centred_sq[kLogKinetic] * a.centred_sq[kSurprisal]);
-  out_stats[kStatCorr] = a.used > 0 ? float(a.centred_cross / denom) : quiet_nan<float>();
+  out_stats[kStatCorr] = a.used > 0 && !flat ? float(a.centred_cross / denom) : quiet_nan<float>();
 }
 
 }  // namespace mppm
