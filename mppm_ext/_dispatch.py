@@ -20,7 +20,11 @@ class BackendUnavailableError(RuntimeError):
 def _compiled_module():
     try:
         from . import _C
-    except ImportError as exc:  # a source checkout on sys.path instead of the installed package
+    except ImportError as exc:
+        here = os.path.dirname(os.path.abspath(__file__))
+        if os.path.exists(os.path.join(here, os.pardir, "pyproject.toml")):
+            return None, (f"mppm_ext was imported from the source tree {here}, which has no compiled module; "
+                          "install it (pip install .) and run Python from another directory")
         return None, f"the compiled module mppm_ext._C is not importable ({exc})"
     return _C, None
 
