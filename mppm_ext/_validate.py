@@ -3,6 +3,7 @@ ValueError for wrong values and shapes, TypeError for wrong types and dtypes."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -68,3 +69,52 @@ def finite_rows(x: Tensor, rows: Tensor, name: str) -> None:
     """The rows of ``x`` ([B, T, n]) selected by the bool ``rows`` ([B, T]) hold no NaN or inf."""
     if has_data(x) and not bool(torch.isfinite(x[rows]).all()):
         raise ValueError(f"{name} holds NaN or inf in a position that is used")
+
+
+@dataclass(frozen=True)
+class EnergyInputs:
+    """The arguments of :func:`mppm_ext.energy`, checked and batched."""
+
+    hidden: Tensor  # [B, T, d]
+    logits: Tensor  # [B, T, V]
+    tokens: Tensor  # [B, T]
+    mask: Optional[Tensor]  # [B, T]
+    unbatched: bool  # the caller passed [T, ...] tensors
+    device: torch.device
+
+
+def energy_inputs(hidden, logits, tokens, attention_mask) -> EnergyInputs:
+    """Types, ranks, shapes, devices and the token dtype of energy's arguments (dtypes of the floating
+    tensors depend on the backend and are checked after it is chosen)."""
+    hidden, logits, tokens = tensor(hidden, "hidden"), tensor(logits, "logits"), tensor(tokens, "tokens")
+    mask = None if attention_mask is None else tensor(attention_mask, "attention_mask")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [B, T, d] or [T, d], got shape {tuple(hidden.shape)}")
+    unbatched = hidden.dim() == 2
+    if logits.dim() != hidden.dim() or tokens.dim() != hidden.dim() - 1:
+        layout = "[T, ...]" if unbatched else "[B, T, ...]"
+        raise ValueError(
+            f"with hidden of shape {tuple(hidden.shape)} ({layout}), logits must have {hidden.dim()} dimensions "
+            f"and tokens {hidden.dim() - 1}; got logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)}")
+    if mask is not None and mask.shape != tokens.shape:
+        raise ValueError(f"attention_mask must have the shape of tokens {tuple(tokens.shape)}, got {tuple(mask.shape)}")
+    if mask is not None and (mask.is_floating_point() or mask.is_complex()):
+        raise TypeError(f"attention_mask must be bool or integer, got dtype {mask.dtype}")
+    if unbatched:
+        hidden, logits, tokens = hidden.unsqueeze(0), logits.unsqueeze(0), tokens.unsqueeze(0)
+        mask = None if mask is None else mask.unsqueeze(0)
+    B, T, d = hidden.shape
+    V = logits.shape[-1]
+    if tuple(logits.shape[:2]) != (B, T) or tuple(tokens.shape) != (B, T):
+        raise ValueError(f"hidden {tuple(hidden.shape)}, logits {tuple(logits.shape)} and tokens "
+                         f"{tuple(tokens.shape)} must agree on batch and length")
+    if B == 0:
+        raise ValueError("the batch is empty (B = 0)")
+    if T < 3:
+        raise ValueError(f"sequences need at least 3 tokens (an energy pairs the step into t with the "
+                         f"surprisal of token t+1), got length {T}")
+    if d == 0 or V == 0:
+        raise ValueError(f"hidden size d and vocabulary V must be >= 1, got d={d}, V={V}")
+    device = same_device({"hidden": hidden, "logits": logits, "tokens": tokens, "attention_mask": mask})
+    index_dtype(tokens, "tokens")
+    return EnergyInputs(hidden, logits, tokens, mask, unbatched, device)

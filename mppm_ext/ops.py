@@ -97,43 +97,8 @@ def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, attention_mask: Op
             ``[0, V)``, tensors on different devices, NaN or inf in a used logits row or hidden state.
         BackendUnavailableError: ``impl`` names a backend that cannot run these inputs.
     """
-    hidden = check.tensor(hidden, "hidden")
-    logits = check.tensor(logits, "logits")
-    tokens = check.tensor(tokens, "tokens")
-    if attention_mask is not None:
-        attention_mask = check.tensor(attention_mask, "attention_mask")
-    if hidden.dim() not in (2, 3):
-        raise ValueError(f"hidden must be [B, T, d] or [T, d], got shape {tuple(hidden.shape)}")
-    unbatched = hidden.dim() == 2
-    layout = "[T, ...]" if unbatched else "[B, T, ...]"
-    if logits.dim() != hidden.dim() or tokens.dim() != hidden.dim() - 1:
-        raise ValueError(
-            f"with hidden of shape {tuple(hidden.shape)} ({layout}), logits must have {hidden.dim()} dimensions "
-            f"and tokens {hidden.dim() - 1}; got logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)}")
-    if attention_mask is not None and attention_mask.shape != tokens.shape:
-        raise ValueError(f"attention_mask must have the shape of tokens {tuple(tokens.shape)}, "
-                         f"got {tuple(attention_mask.shape)}")
-    if attention_mask is not None and attention_mask.is_floating_point() or (
-            attention_mask is not None and attention_mask.is_complex()):
-        raise TypeError(f"attention_mask must be bool or integer, got dtype {attention_mask.dtype}")
-    if unbatched:
-        hidden, logits, tokens = hidden.unsqueeze(0), logits.unsqueeze(0), tokens.unsqueeze(0)
-        attention_mask = None if attention_mask is None else attention_mask.unsqueeze(0)
-    B, T, d = hidden.shape
-    V = logits.shape[-1]
-    if tuple(logits.shape[:2]) != (B, T) or tuple(tokens.shape) != (B, T):
-        raise ValueError(f"hidden {tuple(hidden.shape)}, logits {tuple(logits.shape)} and tokens "
-                         f"{tuple(tokens.shape)} must agree on batch and length")
-    if B == 0:
-        raise ValueError("the batch is empty (B = 0)")
-    if T < 3:
-        raise ValueError(f"sequences need at least 3 tokens (an energy pairs the step into t with the "
-                         f"surprisal of token t+1), got length {T}")
-    if d == 0 or V == 0:
-        raise ValueError(f"hidden size d and vocabulary V must be >= 1, got d={d}, V={V}")
-    device = check.same_device({"hidden": hidden, "logits": logits, "tokens": tokens,
-                                "attention_mask": attention_mask})
-    check.index_dtype(tokens, "tokens")
+    args = check.energy_inputs(hidden, logits, tokens, attention_mask)
+    hidden, logits, tokens, attention_mask, device = args.hidden, args.logits, args.tokens, args.mask, args.device
     impl = choose("energy", impl, {
         "cuda": lambda: cuda_reason(device),
         "cpp": lambda: cpp_reason(device),
@@ -142,8 +107,8 @@ def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, attention_mask: Op
     check.float_dtype(hidden, "hidden", allow_float64=impl == "reference")
     check.float_dtype(logits, "logits", allow_float64=impl == "reference")
     real = reference.real_tokens(tokens, attention_mask, ignore_index)
-    check.token_range(tokens, real, V)
-    if impl == "reference":
+    check.token_range(tokens, real, logits.shape[-1])
+    if impl == "reference":  # the kernels find non-finite values themselves, while reading
         check.finite_rows(logits[:, :-1], real[:, :-1] & real[:, 1:], "logits")
         steps = real[:, 1:] & real[:, :-1]
         check.finite_rows(hidden[:, 1:], steps, "hidden")
@@ -155,4 +120,4 @@ def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, attention_mask: Op
         packed = energy_op(check.unit_last_stride(hidden), check.unit_last_stride(logits), tokens, mask,
                            ignore_index)
         result = unpack_energy(*packed)
-    return result.map(lambda t: t.squeeze(0)) if unbatched else result
+    return result.map(lambda t: t.squeeze(0)) if args.unbatched else result
