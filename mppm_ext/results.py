@@ -105,10 +105,6 @@ class EnergyResult:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return EnergyResult(**{k: (v.map(fn) if k == "stats" else fn(v)) for k, v in values.items()})
 
-    def token_table(self) -> dict[str, Tensor]:
-        """The per-token tensors by name (``TOKEN_QUANTITIES`` plus ``valid``)."""
-        return {name: getattr(self, name) for name in TOKEN_QUANTITIES + ("valid",)}
-
 
 def unpack_energy(per_token: Tensor, defined: Tensor, stats: Tensor, counts: Tensor) -> EnergyResult:
     """Build an :class:`EnergyResult` from the packed outputs of the ``mppm_ext::energy`` op.

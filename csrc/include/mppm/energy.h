@@ -95,7 +95,7 @@ enum class EnergyFault : int { None = 0, TokenOutOfRange, NonFiniteLogits, NonFi
 struct EnergyStatus {
   EnergyFault fault = EnergyFault::None;
   int64_t b = -1, t = -1;
-  int64_t token = 0;  // the offending id, for TokenOutOfRange
+  int64_t token = 0;  // the token id at (b, t): the offending id for TokenOutOfRange
 };
 
 EnergyStatus energy_cpu(const EnergyParams& p);
