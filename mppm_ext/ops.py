@@ -38,7 +38,8 @@ def _launch_energy(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Optiona
                    stream: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     out = _energy_outputs(tokens, hidden.device)
     if mask is not None and mask.dtype != torch.uint8:
-        mask = (mask != 0).view(torch.uint8)
+        # A bool mask is reinterpreted in place; only other dtypes need a comparison pass.
+        mask = (mask if mask.dtype == torch.bool else mask != 0).view(torch.uint8)
     per_token, defined, stats, counts = out
     compiled().energy(
         _view(hidden), _view(logits), _view(tokens), None if mask is None else _view(mask), int(ignore_index),
@@ -116,8 +117,7 @@ def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, attention_mask: Op
         result = to_float32(reference.energy(hidden, logits, tokens, attention_mask=attention_mask,
                                              ignore_index=ignore_index))
     else:
-        mask = None if attention_mask is None else attention_mask != 0
-        packed = energy_op(check.unit_last_stride(hidden), check.unit_last_stride(logits), tokens, mask,
+        packed = energy_op(check.unit_last_stride(hidden), check.unit_last_stride(logits), tokens, attention_mask,
                            ignore_index)
         result = unpack_energy(*packed)
     return result.map(lambda t: t.squeeze(0)) if args.unbatched else result
