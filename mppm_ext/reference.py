@@ -100,10 +100,18 @@ def sequence_stats(q: dict[str, Tensor]) -> EnergyStats:
                        corr_log_kinetic_surprisal=corr)
 
 
+def energy_from_parts(log_prob: Tensor, kin: Tensor) -> EnergyResult:
+    """Every output of :func:`mppm_ext.energy` from its two parts, ``[B, T]`` log p_t and K_t with NaN
+    where undefined (as :func:`token_log_prob` and :func:`kinetic` give them); results in their dtype.
+
+    Backends that produce the parts some other way (from hidden states and the unembedding, or with
+    Triton) finish here in float64: the rest is O(B*T) work."""
+    q = token_quantities(log_prob, kin)
+    return EnergyResult(**q, stats=sequence_stats(q))
+
+
 def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, attention_mask: Optional[Tensor] = None,
            ignore_index: int = -100) -> EnergyResult:
     """Reference for :func:`mppm_ext.energy` on batched inputs; results in the inputs' dtypes."""
     real = real_tokens(tokens, attention_mask, ignore_index)
-    q = token_quantities(token_log_prob(logits, tokens, real), kinetic(hidden, real))
-    stats = sequence_stats(q)
-    return EnergyResult(**q, stats=stats)
+    return energy_from_parts(token_log_prob(logits, tokens, real), kinetic(hidden, real))
