@@ -20,7 +20,9 @@ import torch
 
 @dataclass
 class Row:
-    """One provider's measurement of one case."""
+    """One provider's measurement of one case. ``ceiling`` names the row of the same case whose rate
+    this provider is compared with: a measured copy for memory-bound ops (GB/s), a bare GEMM for
+    compute-bound ones (TFLOP/s)."""
 
     case: str
     provider: str
@@ -29,10 +31,65 @@ class Row:
     p80_ms: float
     bytes_moved: int
     gb_per_s: float
-    fraction_of_copy: Optional[float] = None
+    flops: int = 0
+    tflop_per_s: Optional[float] = None
+    ceiling: str = ""
+    fraction_of_ceiling: Optional[float] = None
     speedup_vs_reference: Optional[float] = None
     peak_extra_mb: Optional[float] = None
     note: str = ""
+
+    def rate(self) -> float:
+        """The rate compared with the ceiling: TFLOP/s when the case counts flops, else GB/s."""
+        return self.tflop_per_s if self.flops else self.gb_per_s
+
+
+@dataclass
+class Case:
+    """One benchmark case: the providers to time on the same inputs.
+
+    ``ceiling`` and ``baselines`` are timed first; every provider's rate is divided by the ceiling's
+    and its time compared with the provider named ``reference`` (when it ran)."""
+
+    name: str
+    bytes_moved: int
+    flops: int
+    ceiling: tuple[str, Callable[[], object]]
+    providers: dict[str, Callable[[], Callable[[], object]]]
+    baselines: dict[str, Callable[[], object]] = field(default_factory=dict)
+    reference: str = "reference (eager)"
+    notes: dict[str, Callable[[], str]] = field(default_factory=dict)
+    # Bytes that a ceiling or baseline moves when they differ from the providers' (a copy reads and writes).
+    bytes_of: dict[str, int] = field(default_factory=dict)
+
+
+def run_case(case: Case, device: str, warmup: int, repeats: int, skip: list[str]) -> list[Row]:
+    """Time every provider of ``case``. A provider is a factory (setup outside the timed region, e.g.
+    torch.compile) returning the callable to time; one that raises is reported, not fatal."""
+    run = dict(device=device, warmup=warmup, repeats=repeats)
+    ceiling_name, ceiling_fn = case.ceiling
+    ceiling = measure(case.name, ceiling_name, ceiling_fn, case.bytes_of.get(ceiling_name, case.bytes_moved),
+                      flops=case.flops, **run)
+    rows = [ceiling] + [measure(case.name, name, fn, case.bytes_of.get(name, case.bytes_moved), flops=case.flops,
+                                **run) for name, fn in case.baselines.items()]
+    for name, make in case.providers.items():
+        if any(pattern in name for pattern in skip):
+            continue
+        try:
+            fn = make()
+            rows.append(measure(case.name, name, fn, case.bytes_moved, flops=case.flops, **run))
+        except Exception as exc:  # a peer that cannot run these inputs is a finding, not a crash
+            print(f"  {name}: failed ({type(exc).__name__}: {exc})", flush=True)
+            continue
+        rows[-1].note = case.notes[name]() if name in case.notes else ""
+        print(f"  {name}: {rows[-1].median_ms:.2f} ms", flush=True)
+    ref = next((r for r in rows if r.provider == case.reference), None)
+    for r in rows:
+        r.ceiling = ceiling_name
+        r.fraction_of_ceiling = r.rate() / ceiling.rate()
+        if ref is not None:
+            r.speedup_vs_reference = ref.median_ms / r.median_ms
+    return rows
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -95,11 +152,12 @@ def peak_extra_mb(fn: Callable[[], object], device: str) -> Optional[float]:
 
 
 def measure(case: str, provider: str, fn: Callable[[], object], bytes_moved: int, device: str,
-            warmup: int, repeats: int, note: str = "") -> Row:
+            warmup: int, repeats: int, flops: int = 0, note: str = "") -> Row:
     times = time_call(fn, device, warmup, repeats)
     median = statistics.median(times)
     return Row(case=case, provider=provider, median_ms=median * 1e3, p20_ms=_quantile(times, 0.2) * 1e3,
                p80_ms=_quantile(times, 0.8) * 1e3, bytes_moved=bytes_moved, gb_per_s=bytes_moved / median / 1e9,
+               flops=flops, tflop_per_s=flops / median / 1e12 if flops else None,
                peak_extra_mb=peak_extra_mb(fn, device), note=note)
 
 
@@ -165,15 +223,16 @@ class Report:
         return json_path, csv_path
 
     def table(self) -> str:
-        head = (f"{'case':<34} {'provider':<26} {'median ms':>10} {'p20':>9} {'p80':>9} {'GB/s':>7} "
-                f"{'of copy':>8} {'vs ref':>7} {'extra MB':>9}")
+        head = (f"{'case':<44} {'provider':<30} {'median ms':>10} {'p20':>9} {'p80':>9} {'rate':>13} "
+                f"{'of ceiling':>10} {'vs ref':>8} {'extra MB':>9}")
         lines = [head, "-" * len(head)]
         for r in self.rows:
-            frac = f"{r.fraction_of_copy:.0%}" if r.fraction_of_copy is not None else "-"
+            rate = f"{r.tflop_per_s:.2f} TFLOP/s" if r.flops else f"{r.gb_per_s:.1f} GB/s"
+            frac = f"{r.fraction_of_ceiling:.0%}" if r.fraction_of_ceiling is not None else "-"
             speed = f"{r.speedup_vs_reference:.2f}x" if r.speedup_vs_reference is not None else "-"
             mem = f"{r.peak_extra_mb:.0f}" if r.peak_extra_mb is not None else "-"
-            lines.append(f"{r.case:<34} {r.provider:<26} {r.median_ms:>10.2f} {r.p20_ms:>9.2f} {r.p80_ms:>9.2f} "
-                         f"{r.gb_per_s:>7.1f} {frac:>8} {speed:>7} {mem:>9}")
+            lines.append(f"{r.case:<44} {r.provider:<30} {r.median_ms:>10.2f} {r.p20_ms:>9.2f} {r.p80_ms:>9.2f} "
+                         f"{rate:>13} {frac:>10} {speed:>8} {mem:>9}")
         return "\n".join(lines)
 
 

@@ -1,0 +1,54 @@
+"""Cases for ``mppm_ext.energy_from_hidden``: compute-bound (the W·h products), compared with a bare
+GEMM of the same shape into a preallocated [N, V] buffer (the compute ceiling; the fused path never
+stores that buffer)."""
+
+from __future__ import annotations
+
+import torch
+
+import mppm_ext
+from harness import Case
+from mppm_ext import reference
+from ops_energy import backends, compiled, with_isa
+from peers import cut_cross_entropy, liger_fused_linear_cross_entropy, torch_linear_cross_entropy_chunked
+
+
+def cases(args):
+    device = args.device
+    for dtype_name in args.dtypes:
+        for vocab in args.vocab:
+            dtype = args.dtype_map[dtype_name]
+            n, d = args.linear_n, args.linear_hidden
+            g = torch.Generator(device="cpu").manual_seed(0)
+            hidden = torch.randn(1, n, d, generator=g).to(device=device, dtype=dtype)
+            weight = (torch.randn(vocab, d, generator=g) / d**0.5).to(device=device, dtype=dtype)
+            tokens = torch.randint(0, vocab, (1, n), generator=g).to(device)
+            gemm_out = torch.empty(n, vocab, device=device, dtype=dtype)
+            h2, targets = hidden[0], tokens[0]
+            notes: dict = {}
+
+            def reference_call():
+                return reference.energy_from_hidden(hidden, weight, tokens)
+
+            providers = {
+                "reference (eager)": lambda: reference_call,
+                "torch.compile(reference)": lambda: compiled(reference_call, notes, "torch.compile(reference)"),
+            }
+            for name, impl, isa in backends(device, args.all_isas):
+                call = (lambda impl=impl: mppm_ext.energy_from_hidden(hidden, weight, tokens, impl=impl))
+                providers[name] = (lambda call=call, isa=isa: with_isa(isa, call) if isa else call)
+            peers = {"torch linear_cross_entropy chunked (NLL only)": torch_linear_cross_entropy_chunked()}
+            if device == "cuda":
+                peers["Liger fused linear CE (NLL only)"] = liger_fused_linear_cross_entropy()
+                peers["cut-cross-entropy (NLL only)"] = cut_cross_entropy()
+            for name, peer in peers.items():
+                if peer is not None:
+                    providers[name] = (lambda peer=peer: lambda: peer(h2, weight, targets))
+            element = hidden.element_size()
+            yield Case(
+                name=f"energy_from_hidden N={n} V={vocab} d={d} {dtype_name}",
+                bytes_moved=(n * d + vocab * d) * element + n * 8,
+                flops=2 * n * vocab * d,
+                ceiling=("GEMM h @ W.T (ceiling)", lambda: torch.mm(h2, weight.t(), out=gemm_out)),
+                providers=providers, notes=notes,
+            )
