@@ -215,9 +215,9 @@ void cg_solve(py::handle rows_c, py::object center_c, py::handle rhs_c, double l
   const TensorView rhs = view_of(rhs_c, "rhs");
   check_ndim(rows, "rows", 3);
   check_dtype(rows, "rows", {DType::Float32});
-  check_contiguous(rows, "rows");
   const int64_t B = rows.size(0), m = rows.size(1), d = rows.size(2);
   if (m < 1 || d < 1) throw ArgumentError("rows must be [B, m, d] with m >= 1 and d >= 1, got " + shape_string(rows));
+  check_contiguous(rows, "rows");
   check_output(rhs, "rhs", rows, DType::Float64, {B, m});
   CGParams p;
   p.B = B;
