@@ -118,3 +118,34 @@ def energy_inputs(hidden, logits, tokens, attention_mask) -> EnergyInputs:
     device = same_device({"hidden": hidden, "logits": logits, "tokens": tokens, "attention_mask": mask})
     index_dtype(tokens, "tokens")
     return EnergyInputs(hidden, logits, tokens, mask, unbatched, device)
+
+
+def unembedding_inputs(hidden, weight, bias, rows: str) -> torch.device:
+    """Types, ranks, shapes and devices of ``hidden [rows, d]``, ``weight [V, d]`` and ``bias [V]``
+    (the streaming functions' arguments); returns their device."""
+    hidden, weight = tensor(hidden, "hidden"), tensor(weight, "weight")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [{rows}, d], got shape {tuple(hidden.shape)}")
+    unembedding(weight, bias, hidden.shape[-1])
+    return same_device({"hidden": hidden, "weight": weight, "bias": bias})
+
+
+def unembedding(weight, bias, d: int) -> None:
+    """``weight`` is a ``[V, d]`` tensor with V, d >= 1 and ``bias`` None or ``[V]``."""
+    tensor(weight, "weight")
+    if weight.dim() != 2 or weight.shape[1] != d:
+        raise ValueError(f"weight must be [V, d] with d = {d} (hidden's last dimension), got shape "
+                         f"{tuple(weight.shape)}")
+    if weight.shape[0] == 0 or d == 0:
+        raise ValueError(f"the vocabulary V and hidden size d must be >= 1, got weight {tuple(weight.shape)}")
+    if bias is not None:
+        tensor(bias, "bias")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+
+
+def float_dtypes(allow_float64: bool, **named: Optional[Tensor]) -> None:
+    """:func:`float_dtype` for every tensor given (None skipped)."""
+    for name, t in named.items():
+        if t is not None:
+            float_dtype(t, name, allow_float64)
