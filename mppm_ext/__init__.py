@@ -2,11 +2,13 @@
 
 Public API:
     energy(hidden, logits, tokens, ...) -> EnergyResult
+    energy_from_hidden(hidden, weight, tokens, ...) -> EnergyResult   (never holds the [B, T, V] logits)
     build_info() -> dict
     set_cpu_isa(name), cpu_isas()
 """
 
 from ._dispatch import BackendUnavailableError
+from .from_hidden import energy_from_hidden
 from .ops import energy
 from .results import STAT_QUANTITIES, TOKEN_QUANTITIES, EnergyResult, EnergyStats
 
@@ -36,5 +38,5 @@ def set_cpu_isa(name: str) -> None:
     compiled().set_cpu_isa(name)
 
 
-__all__ = ["energy", "EnergyResult", "EnergyStats", "TOKEN_QUANTITIES", "STAT_QUANTITIES",
+__all__ = ["energy", "energy_from_hidden", "EnergyResult", "EnergyStats", "TOKEN_QUANTITIES", "STAT_QUANTITIES",
            "BackendUnavailableError", "build_info", "cpu_isas", "set_cpu_isa", "__version__"]

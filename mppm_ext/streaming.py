@@ -160,7 +160,9 @@ def _raise_if_non_finite(bad_col: Tensor) -> None:
                          f"vocabulary entry {int(bad_col[row])} (NaN or inf in those inputs, or an overflow)")
 
 
-def _triton_reason(device: torch.device) -> Optional[str]:
+def triton_reason(device: torch.device) -> Optional[str]:
+    """Why the Triton kernels cannot run on ``device`` (None when they can), also when the
+    mppm_ext.triton package is missing from this installation."""
     try:
         from . import triton as triton_kernels
     except ImportError as exc:
@@ -171,7 +173,7 @@ def _triton_reason(device: torch.device) -> Optional[str]:
 def _backend_reasons(device: torch.device) -> dict:
     return {
         "cuda": lambda: cuda_reason(device),
-        "triton": lambda: _triton_reason(device),
+        "triton": lambda: triton_reason(device),
         "cpp": lambda: cpp_reason(device),
         "reference": lambda: None,
     }
