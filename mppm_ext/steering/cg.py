@@ -123,7 +123,9 @@ def cg_compiled(rows: Tensor, center: Optional[Tensor], rhs: Tensor, lam: float,
 
 
 def triton_cg():
-    """``mppm_ext.triton.cg.cg_solve`` when the triton branch provides it, else None."""
+    """``mppm_ext.triton.cg.cg_solve`` when the triton branch provides it, else None. Expected contract:
+    ``cg_solve(rows, center, rhs, lam, tol, max_iter) -> (u [B, m], iters [B], residual [B], converged [B])``
+    with the meaning of :class:`CGResult`."""
     try:
         from ..triton.cg import cg_solve
     except ImportError:
