@@ -190,3 +190,15 @@ def test_property_linear_step(B, m, d, V, delta, scale, seed):
     truth = reference.steer_direction(hidden.double(), weight.double(), targets, deltas, lam=1e-9)
     ref = reference.steer_direction(hidden, weight, targets, deltas, lam=1e-9)
     assert_close(out.delta_h, ref, truth, "delta_h")
+
+
+def test_cg_solve_op_opcheck_and_compile():
+    g = torch.Generator().manual_seed(4)
+    rows, c, rhs = torch.randn(3, 4, 9, generator=g), torch.randn(3, 9, generator=g), torch.randn(3, 4, generator=g)
+    args = (rows, c, rhs.double(), 0.1, 1e-10, 20)
+    torch.library.opcheck(cg.cg_solve_op, args)
+    torch.library.opcheck(cg.cg_solve_op, (rows, None, rhs.double(), 0.0, 1e-10, 20))
+    # backend="eager": fullgraph checks that dynamo captures the opaque op; inductor would add only compile time
+    compiled = torch.compile(lambda *a: cg.cg_solve_op(*a), fullgraph=True, backend="eager")
+    for a, b in zip(compiled(*args), cg.cg_solve_op(*args)):
+        assert torch.equal(a, b)
