@@ -202,3 +202,15 @@ def test_cg_solve_op_opcheck_and_compile():
     compiled = torch.compile(lambda *a: cg.cg_solve_op(*a), fullgraph=True, backend="eager")
     for a, b in zip(compiled(*args), cg.cg_solve_op(*args)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and mppm_ext.build_info()["cuda"]),
+                    reason="needs a CUDA device and a build with nvcc")
+@pytest.mark.parametrize("m", [2, 16, 300])
+def test_cuda_cg_matches_cpu_cg(m):
+    g = torch.Generator().manual_seed(m)
+    rows, c, rhs = torch.randn(7, m, 77, generator=g), torch.randn(7, 77, generator=g), torch.randn(7, m, generator=g)
+    cpu = cg.cg_compiled(rows, c, rhs.double(), 0.05, 1e-10, 2 * m + 10)
+    gpu = cg.cg_compiled(rows.cuda(), c.cuda(), rhs.double().cuda(), 0.05, 1e-10, 2 * m + 10)
+    assert torch.allclose(gpu.u.cpu(), cpu.u, rtol=1e-8, atol=1e-12)
+    assert torch.equal(gpu.converged.cpu(), cpu.converged)
