@@ -1,0 +1,265 @@
+"""One streaming pass over the unembedding: log-probabilities and softmax moments of ``W h + b`` without
+ever holding the ``[N, V]`` logits.
+
+The logits are produced one tile ``[rows, cols]`` at a time by a matrix product of a block of hidden rows
+with a chunk of vocabulary rows of ``weight``, and each tile is folded into a per-row online softmax
+(running max and running sum of exponentials, rescaled when the max grows), exactly as flash attention
+accumulates ``softmax(QK^T) V``. The loop order is fixed (vocabulary chunks outer, row blocks inner, both
+ascending) and nothing is combined with atomics, so results are bitwise reproducible.
+
+Backends (``impl``, picked with :func:`mppm_ext._dispatch.choose`):
+    ``"reference"``: plain torch, chunked the same way; also the only backend for float64 inputs.
+    ``"cpp"`` / ``"cuda"``: the same chunked ``torch.mm`` (BLAS / cuBLAS) with the fold fused into one
+        compiled epilogue per tile (``mppm_ext._C.softmax_tile``).
+    ``"triton"``: :mod:`mppm_ext.triton.linear` (tiles computed with ``tl.dot`` and never stored).
+
+Memory: besides the inputs, ``O(N*d)`` (a float32 copy of ``hidden`` when it is not float32) plus one tile
+and one float32 vocabulary chunk, bounded by :data:`TILE_ELEMENTS` and :data:`CHUNK_ELEMENTS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _validate as check
+from ._dispatch import choose, cpp_reason, cuda_reason
+
+#: Elements of one logits tile ``[rows, cols]``: 2^22 float32 = 16 MiB, large enough that each
+#: ``torch.mm`` runs near BLAS peak (a 1024 x 4096 x d product) and small enough to stay in the memory
+#: bound ``O(N*d + tile)``.
+TILE_ELEMENTS = 1 << 22
+#: Elements of one float32 vocabulary chunk ``[cols, d]`` (64 MiB): caps ``cols`` for wide states.
+CHUNK_ELEMENTS = 1 << 24
+#: Upper bound on the vocabulary chunk: 4096 columns keep a tile row within L2 for the epilogue.
+MAX_COLS = 4096
+
+
+@dataclass(frozen=True)
+class Tiling:
+    rows: int  # hidden rows per tile
+    cols: int  # vocabulary entries per tile
+
+
+def tiling(n: int, v: int, d: int) -> Tiling:
+    """Tile sizes for ``n`` rows, vocabulary ``v`` and hidden size ``d`` within the memory bounds above."""
+    cols = max(1, min(v, MAX_COLS, CHUNK_ELEMENTS // max(d, 1)))
+    rows = max(1, min(n, TILE_ELEMENTS // cols))
+    return Tiling(rows, cols)
+
+
+def _compute_dtype(*xs: Tensor) -> torch.dtype:
+    """Products are formed in float32 (float64 when an input is float64): bf16/fp16 tiles would round
+    every logit to 8 or 11 bits, far outside the float32 reference's error."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _tile_logits(h: Tensor, w: Tensor, w_dt: Optional[Tensor], b: Optional[Tensor], tensor_cores: bool) -> Tensor:
+    """One tile of logits, float32 (float64 for float64 inputs). On CUDA, same-dtype 16-bit operands go
+    to the tensor cores with float32 output (``mm.dtype``: 16-bit products, float32 accumulation, as the
+    float32 reference of the same values); elsewhere the products are formed from ``w_dt``, the chunk
+    already converted. (TF32, when the caller enables it for float32 matmuls, applies here too.)"""
+    if tensor_cores:
+        z = torch.mm(h, w.T, out_dtype=torch.float32)
+        return z if b is None else z.add_(b)
+    if b is None:
+        return h @ w_dt.T
+    return torch.addmm(b, h, w_dt.T)
+
+
+def _fold_torch(z: Tensor, v0: int, run_max: Tensor, run_sum: Tensor, bad_col: Tensor, targets: Optional[Tensor],
+                picked: Optional[Tensor], alpha: Optional[Tensor]) -> None:
+    """The ``softmax_tile`` contract (csrc/include/mppm/softmax_tile.h) in torch: the reference fold."""
+    cols = z.shape[1]
+    if targets is not None:
+        inside = (targets >= v0) & (targets < v0 + cols)
+        got = z.gather(1, (targets - v0).clamp(0, cols - 1).unsqueeze(1)).squeeze(1).double()
+        picked.copy_(torch.where(inside, got, picked))
+    bad = ~torch.isfinite(z)
+    ok = ~bad.any(dim=1)
+    first_bad = v0 + bad.int().argmax(dim=1)
+    bad_col.copy_(torch.where(~ok & (bad_col < 0), first_bad, bad_col))
+    if alpha is None:
+        tile_lse = torch.logsumexp(z.double(), dim=1)
+        ref = torch.maximum(run_max, tile_lse)
+        new_sum = run_sum * torch.exp(run_max - ref) + torch.exp(tile_lse - ref)
+    else:
+        ref = torch.maximum(run_max, z.max(dim=1).values.double())
+        a = torch.exp(run_max - ref)
+        z.sub_(ref.to(z.dtype).unsqueeze(1)).exp_()
+        z.masked_fill_(~ok.unsqueeze(1), 0.0)
+        new_sum = a * run_sum + z.sum(dim=1, dtype=torch.float64)
+        alpha.copy_(torch.where(ok, a, 1.0))
+    run_sum.copy_(torch.where(ok, new_sum, run_sum))
+    run_max.copy_(torch.where(ok, ref, run_max))
+
+
+def _fold_compiled(z: Tensor, v0: int, run_max: Tensor, run_sum: Tensor, bad_col: Tensor,
+                   targets: Optional[Tensor], picked: Optional[Tensor], alpha: Optional[Tensor]) -> None:
+    from .ops import softmax_tile_op
+
+    softmax_tile_op(z, v0, run_max, run_sum, bad_col, targets, picked, alpha)
+
+
+@dataclass
+class _Stream:
+    """Per-row state of one streaming pass."""
+
+    lse: Tensor  # [N] float64
+    picked: Optional[Tensor]  # [N] float64: the target logits
+    wbar: Optional[Tensor]  # [N, d] (float32, float64 for float64 inputs), normalised
+
+
+def _stream(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Optional[Tensor], moments: bool,
+            fold) -> _Stream:
+    """One pass over ``weight`` in vocabulary chunks (outer) and row blocks (inner), folding every tile
+    with ``fold`` (the torch or compiled ``softmax_tile``). Extra memory: ``hidden`` converted to the
+    compute dtype and ``wbar`` (O(N*d)), plus one converted vocabulary chunk and one tile (bounded by
+    CHUNK_ELEMENTS and TILE_ELEMENTS); every state vector is O(N)."""
+    dt = _compute_dtype(hidden, weight)
+    n, d = hidden.shape
+    v = weight.shape[0]
+    tile = tiling(n, v, d)
+    device = hidden.device
+    tensor_cores = hidden.is_cuda and hidden.dtype == weight.dtype and hidden.dtype in (torch.bfloat16,
+                                                                                        torch.float16)
+    h = hidden if tensor_cores else hidden.to(dt)
+    run_max = torch.full((n,), float("-inf"), dtype=torch.float64, device=device)
+    run_sum = torch.zeros(n, dtype=torch.float64, device=device)
+    bad_col = torch.full((n,), -1, dtype=torch.int64, device=device)
+    picked = None if targets is None else torch.zeros(n, dtype=torch.float64, device=device)
+    wbar = torch.zeros(n, d, dtype=dt, device=device) if moments else None
+    alpha = torch.empty(n, dtype=dt, device=device) if moments else None
+    for v0 in range(0, v, tile.cols):
+        v1 = min(v, v0 + tile.cols)
+        w = weight[v0:v1]
+        # P @ W needs the converted chunk even when the logits come from the 16-bit operands.
+        w_dt = w.to(dt) if moments or not tensor_cores else None
+        b = None if bias is None else bias[v0:v1].to(dt)
+        for r0 in range(0, n, tile.rows):
+            rows = slice(r0, min(n, r0 + tile.rows))
+            z = _tile_logits(h[rows], w, w_dt, b, tensor_cores)
+            fold(z, v0, run_max[rows], run_sum[rows], bad_col[rows], None if targets is None else targets[rows],
+                 None if picked is None else picked[rows], None if alpha is None else alpha[rows])
+            if moments:
+                wbar[rows].mul_(alpha[rows].unsqueeze(1)).addmm_(z, w_dt)
+    _raise_if_non_finite(bad_col)
+    if moments:
+        wbar.div_(run_sum.to(dt).unsqueeze(1))
+    return _Stream(run_max + torch.log(run_sum), picked, wbar)
+
+
+def _raise_if_non_finite(bad_col: Tensor) -> None:
+    bad = bad_col >= 0
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"the logits computed from hidden, weight and bias hold NaN or inf at row {row}, "
+                         f"vocabulary entry {int(bad_col[row])} (NaN or inf in those inputs, or an overflow)")
+
+
+def triton_reason(device: torch.device) -> Optional[str]:
+    """Why the Triton kernels cannot run on ``device`` (None when they can), also when the
+    mppm_ext.triton package is missing from this installation."""
+    try:
+        from . import triton as triton_kernels
+    except ImportError as exc:
+        return f"mppm_ext.triton is not part of this installation ({exc})"
+    return triton_kernels.unavailable_reason(device)
+
+
+def _backend_reasons(device: torch.device) -> dict:
+    return {
+        "cuda": lambda: cuda_reason(device),
+        "triton": lambda: triton_reason(device),
+        "cpp": lambda: cpp_reason(device),
+        "reference": lambda: None,
+    }
+
+
+def _token_log_prob(impl: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
+    if impl == "triton":
+        from .triton import linear
+
+        return linear.token_log_prob_from_hidden(hidden, weight, bias, targets)
+    s = _stream(hidden, weight, bias, targets, moments=False, fold=_fold_torch if impl == "reference" else _fold_compiled)
+    return s.picked - s.lse
+
+
+def _softmax_moments(impl: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    if impl == "triton":
+        from .triton import linear
+
+        return linear.softmax_moments(hidden, weight, bias)
+    s = _stream(hidden, weight, bias, None, moments=True, fold=_fold_torch if impl == "reference" else _fold_compiled)
+    return s.lse, s.wbar.float()
+
+
+# ---------------------------------------------------------------------------------------------- public
+
+
+def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, *,
+                               impl: str = "auto") -> Tensor:
+    """``log_softmax(hidden @ weight.T + bias)[n, targets[n]]`` for every row, streaming over the vocabulary.
+
+    Args:
+        hidden: ``[N, d]`` float32, bfloat16 or float16 (float64 with ``impl="reference"``).
+        weight: ``[V, d]``, the unembedding (same dtype rules as hidden; may differ from hidden's dtype).
+        bias: ``[V]`` or None.
+        targets: ``[N]`` int64 or int32, each in ``[0, V)``.
+        impl: ``"auto"`` or a backend name (module docstring).
+
+    Returns:
+        ``[N]`` float64 log-probabilities (accumulated in float64 from float32 logits).
+
+    Raises:
+        TypeError / ValueError: wrong types, shapes, dtypes, devices or target ids (naming the argument);
+            ValueError naming the row and vocabulary entry when a logit is NaN or inf.
+        BackendUnavailableError: ``impl`` cannot run on these tensors.
+    """
+    device = check.unembedding_inputs(hidden, weight, bias, "N")
+    targets = check.tensor(targets, "targets")
+    if targets.shape != (hidden.shape[0],):
+        raise ValueError(f"targets must be [N] = [{hidden.shape[0]}], got shape {tuple(targets.shape)}")
+    check.same_device({"hidden": hidden, "targets": targets})
+    check.index_dtype(targets, "targets")
+    impl = choose("token_log_prob_from_hidden", impl, _backend_reasons(device))
+    check.float_dtypes(impl == "reference", hidden=hidden, weight=weight, bias=bias)
+    check.token_range(targets, torch.ones_like(targets, dtype=torch.bool), weight.shape[0], "targets")
+    targets = targets.long()
+    if hidden.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    return _token_log_prob(impl, hidden, weight, bias, targets.contiguous())
+
+
+def softmax_moments(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], *,
+                    impl: str = "auto") -> tuple[Tensor, Tensor]:
+    """The log-partition and the mean unembedding row under the softmax, in one pass over ``weight``.
+
+    ``lse[b] = logsumexp(weight @ hidden[b] + bias)`` and ``wbar[b] = weight.T @ softmax(weight @ hidden[b]
+    + bias)`` (the gradient of ``lse`` with respect to ``hidden[b]``).
+
+    Args:
+        hidden: ``[B, d]`` float32, bfloat16 or float16 (float64 with ``impl="reference"``).
+        weight: ``[V, d]``; bias: ``[V]`` or None.
+        impl: ``"auto"`` or a backend name (module docstring).
+
+    Returns:
+        ``(lse [B] float64, wbar [B, d] float32)``. ``wbar`` is accumulated in float32 (float64 for
+        float64 inputs) as ``alpha * wbar + P_tile @ W_chunk`` and divided by the running sum at the end.
+
+    Raises:
+        as :func:`token_log_prob_from_hidden`.
+    """
+    device = check.unembedding_inputs(hidden, weight, bias, "B")
+    impl = choose("softmax_moments", impl, _backend_reasons(device))
+    check.float_dtypes(impl == "reference", hidden=hidden, weight=weight, bias=bias)
+    if hidden.shape[0] == 0:
+        return (torch.zeros(0, dtype=torch.float64, device=device),
+                torch.zeros(0, hidden.shape[1], dtype=torch.float32, device=device))
+    return _softmax_moments(impl, hidden, weight, bias)
+
+
+__all__ = ["token_log_prob_from_hidden", "softmax_moments", "tiling", "Tiling"]
