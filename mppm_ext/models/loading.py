@@ -138,12 +138,21 @@ def _trained(name: str, dtype: torch.dtype) -> LoadedModel:
         flag = " --accept-gemma-terms" if spec.opt_in else ""
         raise FileNotFoundError(f"model {name!r} is not installed; run `mppm setup {name}{flag}`"
                                 + (f" (this accepts the {spec.opt_in})" if spec.opt_in else ""))
-    # The file's name and size, not its path: several environments on one machine share the cache.
-    stamp = {"gguf": gguf.name, "size": gguf.stat().st_size}
+    stamp = _stamp(gguf)
     if not _cache_valid(cached, stamp):
         _write_cache(gguf, cached, stamp)
     loaded = _from_dir(cached, dtype, name=name)
     return replace(loaded, family=spec.family, source=str(gguf))
+
+
+def _stamp(gguf: Path) -> dict:
+    # The file's name and size, not its path: several environments on one machine share the cache.
+    return {"gguf": gguf.name, "size": gguf.stat().st_size}
+
+
+def cache_valid(name: str, gguf: Path) -> bool:
+    """Whether trained model ``name`` has a safetensors copy of ``gguf`` in the cache."""
+    return _cache_valid(cache_dir("models", name) / "hf", _stamp(gguf))
 
 
 def _cache_valid(cached: Path, stamp: dict) -> bool:
