@@ -260,13 +260,14 @@ def run_scan(cfg: ScanConfig, out_dir: Union[str, Path], *, write: bool = True) 
         index = 0
         for spec in cfg.models:
             loaded = _load(spec, cfg, ctx.device)
-            entries = [(loaded.name, lambda m=loaded: m)]
+            entries = [lambda m=loaded: m]
             if "random-twin" in cfg.controls and loaded.trained:
                 from mppm_ext import models
 
-                entries.append((f"{loaded.name}~random", lambda m=loaded: models.random_twin(m, seed=cfg.seed)))
-            for label, get in entries:
-                scan = scan_model(ctx, get(), label, documents, cfg, out_dir, index)
+                entries.append(lambda m=loaded: models.random_twin(m, seed=cfg.seed))
+            for get in entries:
+                model = get()
+                scan = scan_model(ctx, model, model.name, documents, cfg, out_dir, index)
                 index += 1
                 if scan is not None:
                     result.models.append(scan)

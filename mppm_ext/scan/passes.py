@@ -9,7 +9,7 @@ prediction, so they reuse the base log p and need one O(B*T*d) kinetic pass each
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -65,16 +65,17 @@ class ModelHandle:
     model: torch.nn.Module
     weight: Tensor
     bias: Optional[Tensor]
-    norm: Optional[torch.nn.Module]
+    num_blocks: int  # capture's layer index of the last block's output = the pre-norm state
     device: torch.device
-    fused: bool = field(default=False)
+    fused: bool
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelHandle":
         from mppm_ext import models
+        from mppm_ext.models import anatomy
 
         weight, bias = models.unembedding(model)
-        return cls(model=model, weight=weight, bias=bias, norm=models.final_norm(model),
+        return cls(model=model, weight=weight, bias=bias, num_blocks=len(anatomy.blocks(model)),
                    device=weight.device, fused=hasattr(mppm_ext, "energy_from_hidden"))
 
 
@@ -89,13 +90,12 @@ def capture_states(handle: ModelHandle, batch: Batch, plan: StatePlan, *, logits
     from mppm_ext import models
 
     ids, mask = batch.ids.to(handle.device), batch.mask.to(handle.device)
-    with torch.no_grad():
-        cap = models.capture(handle.model, ids, mask, layers=(-1,) + plan.layers, pre_norm=plan.pre_norm,
-                             logits=logits)
-        last = cap.hidden[-1]
-        # One forward gives both states: the post-norm one is the final norm applied to the pre-norm one.
-        post = handle.norm(last) if plan.pre_norm and handle.norm is not None else last
-    return post, (last if plan.pre_norm else None), {L: cap.hidden[L] for L in plan.layers}, cap.logits
+    # The pre-norm state is the last block's output (capture layer num_blocks), so one forward gives both it
+    # and the post-norm state -1, also where the final chain is more than a norm (OPT's project_out).
+    pre_layer = (handle.num_blocks,) if plan.pre_norm else ()
+    cap = models.capture(handle.model, ids, mask, layers=(-1,) + pre_layer + plan.layers, logits=logits)
+    pre = cap.hidden[handle.num_blocks] if plan.pre_norm else None
+    return cap.hidden[-1], pre, {L: cap.hidden[L] for L in plan.layers}, cap.logits
 
 
 def batch_parts(handle: ModelHandle, batch: Batch, plan: StatePlan) -> BatchParts:
