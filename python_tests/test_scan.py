@@ -119,14 +119,15 @@ def test_shuffle_permutes_each_window_and_changes_the_result():
 
 
 def test_pre_norm_and_layer_controls_use_those_states(llama):
-    result = scan(controls=("pre-norm",), layers=(1,), batch_size=64)
+    result = scan(controls=("pre-norm",), layers=(1, "mid"), batch_size=64)
     model = result.models[0]
     split = split_windows(llama.tokenizer, DOCS, 23)
     (batch,) = batches(split.scan, 64)
     real = batch.mask != 0
     pre = models.capture(llama.model, batch.ids, batch.mask, pre_norm=True, logits=False).hidden[-1]
     layer1 = models.capture(llama.model, batch.ids, batch.mask, layers=(1,), logits=False).hidden[1]
-    for variant, state in ((PRE_NORM, pre), (layer_variant(1), layer1)):
+    # random:llama-tiny has 2 blocks: "mid" is block 1.
+    for variant, state in ((PRE_NORM, pre), (layer_variant(1), layer1), (layer_variant("mid"), layer1)):
         _, lp, kin = model.parts[variant]
         want = reference.kinetic(state.double(), real)
         assert torch.allclose(kin, want[:, :kin.shape[1]], rtol=1e-12, atol=0, equal_nan=True), variant

@@ -4,6 +4,7 @@ ranks when there are several (see :mod:`mppm_ext.scan.distributed`)."""
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from . import distributed as D
 from ._optional import progress
-from .passes import BASE, SHUFFLED, ModelHandle, StatePlan, batch_parts, capture_states
+from .passes import BASE, MID, SHUFFLED, ModelHandle, StatePlan, batch_parts, capture_states, layer_variant, resolve_layer
 from .stats import PAIRINGS, summarize
 from .token_mean import TokenMeanAccumulator
 from .windows import HOLDOUT_EVERY, Batch, Window, batches, shard, shuffled, split_windows
@@ -30,7 +31,8 @@ class ScanConfig:
     corpus: a name/path for ``mppm_ext.data.load_corpus`` or the documents themselves.
     window: tokens per window (>= 3). max_tokens: cap on scanned tokens per model (None: the whole corpus).
     controls: subset of CONTROLS. layers: other layers whose state is scanned as well (model layer
-    indices as ``mppm_ext.models.capture`` takes them). seed: shuffle and random-twin seed.
+    indices as ``mppm_ext.models.capture`` takes them, or ``"mid"``: block L // 2 of each model).
+    seed: seed of the shuffle and of random twins.
     """
 
     models: tuple
@@ -39,7 +41,7 @@ class ScanConfig:
     max_tokens: Optional[int] = None
     batch_size: int = 8
     controls: tuple[str, ...] = ()
-    layers: tuple[int, ...] = ()
+    layers: tuple = ()
     device: str = "auto"
     dtype: torch.dtype = torch.float32
     seed: int = 0
@@ -57,6 +59,9 @@ class ScanConfig:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 3):
             raise ValueError(f"max_tokens must be an integer >= 3 or None, got {self.max_tokens!r}")
+        bad = [L for L in self.layers if L != MID and not isinstance(L, int)]
+        if bad:
+            raise ValueError(f"layers must be integers or {MID!r}, got {bad}")
 
 
 @dataclass
@@ -176,11 +181,13 @@ def _merge(parts: list[dict]) -> tuple[dict, dict]:
 def scan_model(ctx: D.Context, loaded, label: str, documents: Sequence[str], cfg: ScanConfig, out_dir: Path,
                model_index: int) -> Optional[ModelScan]:
     """Scan one loaded model on this rank's share of the windows; rank 0 returns the merged scan."""
+    started = time.perf_counter()
     split = split_windows(loaded.tokenizer, documents, cfg.window, max_tokens=cfg.max_tokens,
                           holdout="token-mean" in cfg.controls)
     handle = ModelHandle.of(loaded.model)
     means = _token_means(ctx, handle, split.heldout, cfg) if split.heldout else None
-    plan = StatePlan(layers=tuple(cfg.layers), pre_norm="pre-norm" in cfg.controls, token_means=means)
+    layers = tuple((layer_variant(L), resolve_layer(L, handle.num_blocks)) for L in cfg.layers)
+    plan = StatePlan(layers=layers, pre_norm="pre-norm" in cfg.controls, token_means=means)
     part = _scan_part(ctx, handle, split.scan, plan, cfg, desc=label)
     if "shuffle" in cfg.controls:
         extra = _scan_part(ctx, handle, shuffled(split.scan, cfg.seed), StatePlan(), cfg, desc=f"{label} shuffled",
@@ -193,6 +200,7 @@ def scan_model(ctx: D.Context, loaded, label: str, documents: Sequence[str], cfg
     if not ctx.is_main:
         return None
     merged, timing = _merge(D.read_parts(ctx, out_dir, model_index))
+    timing["wall_s"] = time.perf_counter() - started
     coverage = None
     if means is not None:
         toks = merged[BASE][0]

@@ -27,26 +27,28 @@ TOKEN_MEAN = "token_mean"
 SHUFFLED = "shuffled"
 
 
-def layer_variant(layer: int) -> str:
+#: A layer spec that means the middle block of each model (block L // 2), so that one scan compares models
+#: of different depths at the same relative depth.
+MID = "mid"
+
+
+def layer_variant(layer) -> str:
     return f"layer_{layer}"
+
+
+def resolve_layer(spec, num_blocks: int) -> int:
+    """A layer spec (an int for ``mppm_ext.models.capture``, or MID) -> capture's layer index."""
+    return num_blocks // 2 if spec == MID else int(spec)
 
 
 @dataclass(frozen=True)
 class StatePlan:
-    """Which states besides the base one each forward pass must provide."""
+    """Which states besides the base one each forward pass must provide. ``layers``: (variant name,
+    capture layer index) pairs."""
 
-    layers: tuple[int, ...] = ()
+    layers: tuple[tuple[str, int], ...] = ()
     pre_norm: bool = False
     token_means: Optional[TokenMeans] = None
-
-    def variants(self) -> tuple[str, ...]:
-        out = [BASE]
-        if self.pre_norm:
-            out.append(PRE_NORM)
-        out += [layer_variant(L) for L in self.layers]
-        if self.token_means is not None:
-            out.append(TOKEN_MEAN)
-        return tuple(out)
 
 
 @dataclass
@@ -86,16 +88,18 @@ def _sync(device: torch.device) -> None:
 
 
 def capture_states(handle: ModelHandle, batch: Batch, plan: StatePlan, *, logits: bool):
-    """Forward pass: (post-norm final state, pre-norm final state or None, {layer: state}, logits or None)."""
+    """Forward pass: (post-norm final state, pre-norm final state or None, {variant: layer state}, logits
+    or None)."""
     from mppm_ext import models
 
     ids, mask = batch.ids.to(handle.device), batch.mask.to(handle.device)
     # The pre-norm state is the last block's output (capture layer num_blocks), so one forward gives both it
     # and the post-norm state -1, also where the final chain is more than a norm (OPT's project_out).
     pre_layer = (handle.num_blocks,) if plan.pre_norm else ()
-    cap = models.capture(handle.model, ids, mask, layers=(-1,) + pre_layer + plan.layers, logits=logits)
+    indices = tuple(index for _, index in plan.layers)
+    cap = models.capture(handle.model, ids, mask, layers=(-1,) + pre_layer + indices, logits=logits)
     pre = cap.hidden[handle.num_blocks] if plan.pre_norm else None
-    return cap.hidden[-1], pre, {L: cap.hidden[L] for L in plan.layers}, cap.logits
+    return cap.hidden[-1], pre, {name: cap.hidden[index] for name, index in plan.layers}, cap.logits
 
 
 def batch_parts(handle: ModelHandle, batch: Batch, plan: StatePlan) -> BatchParts:
@@ -121,8 +125,8 @@ def batch_parts(handle: ModelHandle, batch: Batch, plan: StatePlan) -> BatchPart
 
         if pre is not None:
             parts[PRE_NORM] = moved(pre)
-        for L, state in layers.items():
-            parts[layer_variant(L)] = moved(state)
+        for name, state in layers.items():
+            parts[name] = moved(state)
         if plan.token_means is not None:
             parts[TOKEN_MEAN] = moved(plan.token_means.subtract(post.cpu(), batch.ids))
     _sync(handle.device)
