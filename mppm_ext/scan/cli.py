@@ -89,6 +89,13 @@ def run_scan_command(args: argparse.Namespace) -> int:
     return 0
 
 
+@_user_errors("findings")
+def run_findings_command(args: argparse.Namespace) -> int:
+    from .findings import run_command
+
+    return run_command(args)
+
+
 @_user_errors("report")
 def run_report_command(args: argparse.Namespace) -> int:
     from .report import write_report
@@ -99,7 +106,9 @@ def run_report_command(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    """Add ``scan`` and ``report`` to the ``mppm`` command."""
+    """Add ``scan``, ``report`` and ``findings`` to the ``mppm`` command."""
+    from . import findings
+
     scan = subparsers.add_parser("scan", help="scan a corpus with one or more models",
                                  description="Stream a corpus through models in fixed windows and write per-token "
                                              "tables, a per-model summary and run metadata. Under torchrun "
@@ -111,6 +120,10 @@ def register(subparsers) -> None:
     report.add_argument("dir", type=Path, help="directory written by `mppm scan`")
     report.add_argument("--out", type=Path, default=None, help="where to write (default: DIR)")
     report.set_defaults(run=run_report_command)
+    found = subparsers.add_parser("findings", help="the reproduction report (docs/findings.md) from one scan",
+                                  description=findings.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    findings.add_arguments(found)
+    found.set_defaults(run=run_findings_command)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
