@@ -222,10 +222,18 @@ class _quiet:
     """Silence transformers' per-load chatter (progress bars, dequantisation notes) for one block."""
 
     def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self._bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
         self._logger = logging.getLogger("transformers")
         self._level = self._logger.level
         self._logger.setLevel(logging.ERROR)
 
     def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+
         self._logger.setLevel(self._level)
+        if self._bars:
+            hf_logging.enable_progress_bar()
         return False
