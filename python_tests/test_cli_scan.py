@@ -129,6 +129,7 @@ def test_findings_answers_follow_the_numbers():
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "no-such-model"], "no-such-model"),
+    (["--model", "{file}"], "not a .gguf"),
     (["--corpus", "{empty}"], "empty"),
     (["--corpus", "{binary}"], "corpus"),
     (["--out", "{file}/sub"], "cannot write to the output directory"),

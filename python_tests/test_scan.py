@@ -72,6 +72,24 @@ def test_parts_equal_a_direct_energy_call_on_the_same_windows(name):
     assert summary["seq_cv_log_energy"] == pytest.approx(float(torch.stack(per_window_cv).mean()), rel=1e-5)
 
 
+def test_fused_path_gets_the_unembedding_and_matches_the_logits_path(monkeypatch):
+    # energy_from_hidden comes from another branch; a reference stand-in checks the scan's call: the
+    # post-norm state, the unembedding (with OPT-350m-like project_out: d_state != d_model) and the mask.
+    calls = []
+
+    def energy_from_hidden(hidden, weight, tokens, *, bias=None, attention_mask=None, **kw):
+        calls.append(hidden.shape)
+        logits = hidden @ weight.T + (0 if bias is None else bias)
+        return mppm_ext.energy(hidden, logits, tokens, attention_mask=attention_mask)
+
+    plain = scan("random:opt-tiny-proj").models[0].parts[BASE]
+    monkeypatch.setattr(mppm_ext, "energy_from_hidden", energy_from_hidden, raising=False)
+    fused = scan("random:opt-tiny-proj")
+    assert fused.models[0].info["fused"] and calls and all(shape[-1] == 16 for shape in calls)
+    for a, b in zip(plain, fused.models[0].parts[BASE]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 def test_pooled_statistics_are_over_every_used_position():
     g = torch.Generator().manual_seed(3)
     lp = -torch.rand(4, 9, generator=g, dtype=torch.float64) * 5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Iterable, Optional
+from typing import Iterable
 
 
 class MissingDependencyError(ImportError):
@@ -32,7 +32,7 @@ def available(module: str) -> bool:
 _warned_tqdm = False
 
 
-def progress(items: Iterable, *, total: int, desc: str, enabled: bool, position: Optional[int] = None) -> Iterable:
+def progress(items: Iterable, *, total: int, desc: str, enabled: bool) -> Iterable:
     """``items`` wrapped in a tqdm bar when ``enabled`` and tqdm is installed; without tqdm the scan runs
     without a bar and says once, on stderr, how to get one."""
     global _warned_tqdm
@@ -45,4 +45,4 @@ def progress(items: Iterable, *, total: int, desc: str, enabled: bool, position:
         return items
     from tqdm import tqdm
 
-    return tqdm(items, total=total, desc=desc, unit="batch", position=position, leave=False)
+    return tqdm(items, total=total, desc=desc, unit="batch", leave=False)
