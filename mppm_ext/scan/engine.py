@@ -3,7 +3,9 @@ ranks when there are several (see :mod:`mppm_ext.scan.distributed`)."""
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,7 +138,8 @@ def _token_means(ctx: D.Context, handle: ModelHandle, heldout: Sequence[Window],
 
 def _scan_part(ctx: D.Context, handle: ModelHandle, windows: Sequence[Window], plan: StatePlan, cfg: ScanConfig,
                desc: str, rename: Optional[str] = None) -> dict:
-    """This rank's share: {"rows": {variant: [(window index, log_prob, kinetic)]}, timings, token count}."""
+    """This rank's share: {"rows": {variant: [(window index, tokens, log_prob [n], kinetic [n])]}, seconds in
+    the forward passes and in the energy, tokens forwarded}."""
     rows: dict[str, list] = {}
     forward_s = energy_s = 0.0
     tokens = 0
@@ -237,7 +240,7 @@ def check_writable(out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".mppm-write-test-{torch.randint(0, 2**31, ()).item()}"
+        probe = out_dir / f".mppm-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
@@ -265,24 +268,25 @@ def run_scan(cfg: ScanConfig, out_dir: Union[str, Path], *, write: bool = True) 
         result = ScanResult(config=cfg, world=ctx.world, device=str(ctx.device),
                             heldout=(f"every {HOLDOUT_EVERY}th window (window index % {HOLDOUT_EVERY} == "
                                      f"{HOLDOUT_EVERY - 1}), not scanned" if "token-mean" in cfg.controls else None))
-        index = 0
+        # Numbers the part files; counted on every rank (only rank 0 collects the scans).
+        model_index = itertools.count()
+
+        def scan_one(loaded) -> None:
+            scan = scan_model(ctx, loaded, loaded.name, documents, cfg, out_dir, next(model_index))
+            if scan is not None:
+                result.models.append(scan)
+                rows, q, h = summary_rows(scan, cfg)
+                result.summary += rows
+                result.quantiles += q
+                result.histograms += h
+
         for spec in cfg.models:
             loaded = _load(spec, cfg, ctx.device)
-            entries = [lambda m=loaded: m]
+            scan_one(loaded)
             if "random-twin" in cfg.controls and loaded.trained:
                 from mppm_ext import models
 
-                entries.append(lambda m=loaded: models.random_twin(m, seed=cfg.seed))
-            for get in entries:
-                model = get()
-                scan = scan_model(ctx, model, model.name, documents, cfg, out_dir, index)
-                index += 1
-                if scan is not None:
-                    result.models.append(scan)
-                    rows, q, h = summary_rows(scan, cfg)
-                    result.summary += rows
-                    result.quantiles += q
-                    result.histograms += h
+                scan_one(models.random_twin(loaded, seed=cfg.seed))
             del loaded
         if ctx.is_main and write:
             write_outputs(result, out_dir)
