@@ -164,6 +164,14 @@ def test_bad_names(name, error, match):
         models.load(name)
 
 
+def test_dtype_reaches_every_weight_and_the_twin():
+    loaded = models.load("random:phi-tiny", dtype=torch.bfloat16)
+    twin = models.random_twin(loaded, seed=2)
+    assert {p.dtype for p in loaded.model.parameters()} == {p.dtype for p in twin.model.parameters()} == {torch.bfloat16}
+    got = models.capture(loaded.model, torch.tensor([[1, 2, 3]]))
+    assert got.hidden[-1].dtype == got.logits.dtype == torch.bfloat16
+
+
 def test_bad_dtype_and_types():
     with pytest.raises(TypeError, match="dtype must be a floating"):
         models.load("random:gpt2-tiny", dtype=torch.int32)
