@@ -1,0 +1,1 @@
+"""Jacobian steering: the minimal-norm steering step, steered generation and its evaluation."""
