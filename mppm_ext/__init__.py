@@ -2,12 +2,14 @@
 
 Public API:
     energy(hidden, logits, tokens, ...) -> EnergyResult
+    steer_step(hidden, weight, targets, delta, ...) -> SteerResult
     build_info() -> dict
     set_cpu_isa(name), cpu_isas()
 """
 
 from ._dispatch import BackendUnavailableError
 from .ops import energy
+from .steering import SteerResult, steer_step
 from .results import STAT_QUANTITIES, TOKEN_QUANTITIES, EnergyResult, EnergyStats
 
 __version__ = "0.1.0"
@@ -36,5 +38,5 @@ def set_cpu_isa(name: str) -> None:
     compiled().set_cpu_isa(name)
 
 
-__all__ = ["energy", "EnergyResult", "EnergyStats", "TOKEN_QUANTITIES", "STAT_QUANTITIES",
+__all__ = ["energy", "steer_step", "SteerResult", "EnergyResult", "EnergyStats", "TOKEN_QUANTITIES", "STAT_QUANTITIES",
            "BackendUnavailableError", "build_info", "cpu_isas", "set_cpu_isa", "__version__"]

@@ -115,3 +115,31 @@ def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, attention_mask: Op
     """Reference for :func:`mppm_ext.energy` on batched inputs; results in the inputs' dtypes."""
     real = real_tokens(tokens, attention_mask, ignore_index)
     return energy_from_parts(token_log_prob(logits, tokens, real), kinetic(hidden, real))
+
+
+def steer_jacobian(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
+                   norm=None) -> Tensor:
+    """``[B, m, d]``: J rows d log softmax(norm(h) W^T + b)[y_i] / dh by autograd, one row of the batch
+    at a time (materialises the ``[V]`` logits; for tests). Computes in hidden's dtype."""
+    rows = []
+    for b in range(hidden.shape[0]):
+        def log_p(h, b=b):
+            x = h if norm is None else norm(h)
+            z = x @ weight.T.to(x.dtype) + (0.0 if bias is None else bias.to(x.dtype))
+            return torch.log_softmax(z, dim=-1)[targets[b]]
+
+        rows.append(torch.autograd.functional.jacobian(log_p, hidden[b]))
+    return torch.stack(rows)
+
+
+def steer_direction(hidden: Tensor, weight: Tensor, targets: Tensor, delta: Tensor, bias: Optional[Tensor] = None,
+                    lam: float = 0.0, norm=None) -> Tensor:
+    """Reference for one linear steering step of :func:`mppm_ext.steer_step` (``newton_steps=1``):
+    ``delta_h = J^T (J J^T + lam I)^+ delta`` per row, J from :func:`steer_jacobian` in hidden's dtype,
+    the solve with a float64 pseudo-inverse. Shapes: hidden ``[B, d]``, weight ``[V, d]``, targets and
+    delta ``[B, m]``; returns ``[B, d]`` float64."""
+    J = steer_jacobian(hidden, weight, targets, bias, norm).double()
+    eye = torch.eye(J.shape[1], dtype=torch.float64, device=J.device)
+    A = J @ J.transpose(1, 2) + lam * eye
+    u = torch.linalg.pinv(A, hermitian=True) @ delta.double().unsqueeze(-1)
+    return (J.transpose(1, 2) @ u).squeeze(-1)

@@ -1,1 +1,12 @@
-"""Jacobian steering: the minimal-norm steering step, steered generation and its evaluation."""
+"""Jacobian steering: the minimal-norm perturbation of a hidden state that raises the log-probability of
+target tokens by asked amounts (shared/design/science.md, "Jacobian steering").
+
+    steer_step(hidden, weight, targets, delta, ...) -> SteerResult   the state that feeds the unembedding
+    steer_layer(model, input_ids, layer, targets, delta, ...) -> SteerResult   any block's output
+"""
+
+from .gauss_newton import SteerResult
+from .layers import steer_layer
+from .solver import steer_step
+
+__all__ = ["steer_step", "steer_layer", "SteerResult"]

@@ -1,0 +1,151 @@
+"""Minimal-norm Jacobian steering of the state that feeds the unembedding (shared/design/science.md,
+"Jacobian steering").
+
+For targets y_1..y_m of one batch row, J has rows g_i = d log p(y_i | h) / dh. For the post-norm state
+x with logits z = W x + b, g_i = W[y_i] - W^T softmax(z): one streaming pass over W
+(:func:`mppm_ext.streaming.softmax_moments`) gives logsumexp(z) and wbar = W^T softmax(z) together, after
+which J is the gathered rows W[y] minus wbar, O(m d), and the CG iterations never touch W again. With a
+final norm, h is the pre-norm state and J = J_x N'(h): N'^T is applied to W[y] and wbar by one batched
+VJP through the norm alone (O(m d)).
+
+The nonlinear problem log p(y_i | h + delta) = log p(y_i | h) + Delta_i is solved by damped minimum-norm
+Gauss-Newton (:mod:`mppm_ext.steering.gauss_newton`), re-linearising with one streaming pass per step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .. import _validate as check
+from .._dispatch import choose, cpp_reason, cuda_reason
+from . import _checks
+from .cg import triton_cg
+from .gauss_newton import GaussNewtonOptions, Linearization, SteerResult, gauss_newton
+
+
+def _softmax_moments(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], impl: str) -> tuple[Tensor, Tensor]:
+    try:
+        from ..streaming import softmax_moments
+    except ImportError:  # stand-in until the kernels branch is merged
+        z = hidden.double() @ weight.double().T + (0.0 if bias is None else bias.double())
+        lse, wbar = z.logsumexp(-1), (torch.softmax(z, -1) @ weight.double()).float()
+    else:
+        lse, wbar = softmax_moments(hidden, weight, bias, impl=impl)
+    if not (bool(torch.isfinite(lse).all()) and bool(torch.isfinite(wbar).all())):
+        raise ValueError("weight or bias holds NaN or inf (the softmax over W h + b is not finite)")
+    return lse, wbar
+
+
+def _norm_fn(norm) -> Callable[[Tensor], Tensor]:
+    """``norm`` as a function of a float32 state: a module's parameters and buffers are cast to float32
+    (a bf16 LayerNorm would refuse a float32 input, and its VJP in bf16 would lose the 1e-3 level)."""
+    if isinstance(norm, torch.nn.Module):
+        state = {k: (v.float() if v.is_floating_point() else v)
+                 for k, v in list(norm.named_parameters()) + list(norm.named_buffers())}
+        return lambda x: torch.func.functional_call(norm, state, (x,)).float()
+    return lambda x: norm(x).float()
+
+
+class FinalStateProblem:
+    """log p of the targets as a function of the steered final state, evaluated with streaming passes."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, norm, impl: str):
+        self.hidden = hidden.float()
+        self.weight, self.bias, self.targets, self.impl = weight, bias, targets, impl
+        self.norm = None if norm is None else _norm_fn(norm)
+        # Gathered once: O(B m d), the only part of W the Jacobian and the CG need.
+        self.w_targets = weight[targets].float()
+        self.b_targets = None if bias is None else bias[targets].double()
+
+    def at(self, delta_h: Tensor) -> Linearization:
+        h = self.hidden + delta_h
+        x = h if self.norm is None else self.norm(h)
+        x = x.double() if self.weight.dtype == torch.float64 else x
+        lse, wbar = _softmax_moments(x, self.weight, self.bias, self.impl)
+        z_targets = torch.einsum("bmd,bd->bm", self.w_targets.double(), x.double())
+        if self.b_targets is not None:
+            z_targets = z_targets + self.b_targets
+        log_prob = z_targets - lse.double()[:, None]
+        return Linearization(log_prob, lambda: self._jacobian(h, wbar.float()))
+
+    def _jacobian(self, h: Tensor, wbar: Tensor) -> tuple[Tensor, Tensor]:
+        if self.norm is None:
+            return self.w_targets, wbar
+        _, vjp = torch.func.vjp(self.norm, h)
+        cot = torch.cat([self.w_targets, wbar[:, None]], dim=1)  # [B, m + 1, d]
+        (pulled,) = torch.func.vmap(vjp, in_dims=1, out_dims=1)(cot)
+        return pulled[:, :-1], pulled[:, -1]
+
+
+def _cg_backend(impl: str, device: torch.device) -> str:
+    if impl == "triton" and triton_cg() is None:
+        return "reference"
+    return impl
+
+
+def steer_step(hidden: Tensor, weight: Tensor, targets: Tensor, delta: Tensor, *, bias: Optional[Tensor] = None,
+               norm=None, lam: float = 0.0, tol: float = 1e-4, max_iter: Optional[int] = None,
+               newton_steps: int = 5, impl: str = "auto", gain_tol: float = 1e-3,
+               max_step: float = 0.25) -> SteerResult:
+    """The smallest perturbation of ``hidden`` that raises log p of each target by the asked amount.
+
+    Solves min ||delta_h|| subject to log p(y_i | h + delta_h) = log p(y_i | h) + delta_i for every
+    row, by damped minimum-norm Gauss-Newton: each step solves (J J^T + lam I) u = r + J delta_h with
+    conjugate gradients (m = 1: closed form) and sets delta_h = J^T u, so delta_h stays in the row space
+    of the current J. Each step is one streaming pass over W (plus one per halving of the line search).
+
+    Args:
+        hidden: ``[B, d]`` float32/bfloat16/float16 (float64 with ``impl="reference"``): the state to
+            steer. With ``norm`` it is the pre-norm state, else the state that feeds the unembedding.
+        weight: ``[V, d]`` unembedding, same dtype family as hidden.
+        targets: ``[B, m]`` int64/int32 token ids in [0, V).
+        delta: ``[B, m]`` float: wanted increase of each target's log p (negative lowers it).
+        bias: optional ``[V]`` unembedding bias.
+        norm: optional final norm (an ``nn.Module`` such as the model's RMSNorm/LayerNorm, or a row-wise
+            callable ``[B, d] -> [B, d]``) applied to hidden before the unembedding.
+        lam: Tikhonov damping lam >= 0 of J J^T; lam > 0 makes duplicate or near-duplicate targets
+            (rank-deficient J) solvable, at the price of gains below the asked ones.
+        tol: CG stopping rule, relative residual ||r - A u|| / ||r||.
+        max_iter: CG iterations per Gauss-Newton step (default 2 m + 10; exact arithmetic needs m).
+        newton_steps: at most this many Gauss-Newton steps (each one re-linearises).
+        impl: "auto" | "cuda" | "triton" | "cpp" | "reference": backend of the streaming pass and of
+            the CG (triton's CG when ``mppm_ext.triton.cg`` exists, else the torch CG).
+        gain_tol: a row has converged when every achieved gain is within gain_tol nats of the asked one.
+        max_step: trust region: a Gauss-Newton step is at most ``max_step * ||hidden||`` long
+            (an undamped step on an infeasible request was seen to reach ||delta_h|| = 1e42).
+
+    Returns:
+        :class:`SteerResult`: ``delta_h`` [B, d] float32 and per-row diagnostics.
+
+    Infeasible requests (some wanted log p >= 0, or the wanted probabilities of distinct targets sum
+    to 1 or more) are flagged in ``feasible``; they are still attempted within the trust region, so
+    ``||delta_h|| <= newton_steps * max_step * ||hidden||`` and ``converged`` is False.
+    """
+    args = _checks.steer_inputs(hidden, weight, targets, delta, bias, lam, tol, max_iter, newton_steps,
+                                gain_tol, max_step)
+    device = args.device
+    impl = choose("steer_step", impl, {
+        "cuda": lambda: cuda_reason(device),
+        "triton": lambda: _triton_reason(device),
+        "cpp": lambda: cpp_reason(device),
+        "reference": lambda: None,
+    })
+    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if t is not None:
+            check.float_dtype(t, name, allow_float64=impl == "reference")
+    problem = FinalStateProblem(hidden, weight, bias, targets.long(), norm, impl)
+    options = GaussNewtonOptions(lam=float(lam), tol=float(tol), max_iter=args.max_iter,
+                                 newton_steps=int(newton_steps), gain_tol=float(gain_tol), max_step=float(max_step),
+                                 cg_backend=_cg_backend(impl, device))
+    return gauss_newton(problem, problem.hidden, targets.long(), delta.double(), options)
+
+
+def _triton_reason(device: torch.device) -> Optional[str]:
+    try:
+        from ..triton import unavailable_reason
+    except ImportError:
+        return "the triton kernels are not part of this build"
+    return unavailable_reason(device)
