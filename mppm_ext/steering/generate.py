@@ -11,13 +11,15 @@ last prompt position, steered during the prefill) and cached positions are never
 a cache (``use_cache=False``) every call recomputes the whole sequence and the hook re-applies each δ
 already used at its own position, so the two modes compute the same thing; the tests compare them.
 
-Layers are numbered as ``output_hidden_states`` numbers them: ``-1`` (or ``n_layers``) is the final
-post-norm state, ``k`` in ``1 .. n_layers - 1`` the output of block ``k - 1``, ``-k`` is ``n_layers + 1 - k``.
+The steered layer is ``"final"`` (the post-norm state that feeds the LM head, the default) or a block
+index as :func:`mppm_ext.steering.steer_layer` numbers them (0-based, negative from the end: -1 is the last
+block's output, before the final norm).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from . import targets as targets_mod
+from .layers import decoder_blocks
 
 #: Per-step, per-sequence fields of :class:`GenerationResult` (``[B, S]`` tensors), in record order.
 RECORD_FIELDS = (
@@ -53,13 +56,16 @@ class StepContext:
         prev_final: ``[B, d]`` float64 final state of the previous position (as the LM head saw it),
             NaN rows where there is none.
         running_log_energy: ``[B]`` float64 mean log energy of the prompt and the tokens generated so far
-            (NaN while undefined).
+            (NaN while undefined; computed in energy mode only).
+        input_ids, attention_mask: ``[B, t]`` the left-padded sequence so far, newest position last.
     """
 
     step: int
     state: Tensor
     prev_final: Tensor
     running_log_energy: Tensor
+    input_ids: Tensor
+    attention_mask: Tensor
 
 
 @dataclass
@@ -86,7 +92,7 @@ class GenerationResult:
         One ``[B, S]`` tensor per name in :data:`RECORD_FIELDS` (float64 unless noted there).
         states: ``[B, S, d]`` float32 steered-layer states before δ; deltas: ``[B, S, d]`` float32 δ's.
         targets: per-prompt ``[m_b]`` int64 target ids (empty when unsteered).
-        layer: the steered layer (``output_hidden_states`` numbering).
+        layer: the steered layer ("final" or a block index).
     """
 
     prompts: list
@@ -107,7 +113,7 @@ class GenerationResult:
     states: Tensor
     deltas: Tensor
     targets: list = field(default_factory=list)
-    layer: int = -1
+    layer: object = "final"
 
     def records(self) -> list[list[dict]]:
         """Per sequence, one dict per step with the keys of :data:`RECORD_FIELDS` (Python scalars)."""
@@ -119,25 +125,15 @@ class GenerationResult:
 # ----------------------------------------------------------------------------------------------- hooks
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's list of transformer blocks (the ModuleList with ``num_hidden_layers`` entries)."""
-    n = model.config.num_hidden_layers
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise ValueError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
-
-
-def normalize_layer(model: nn.Module, layer: int) -> int:
-    """``layer`` as an index in ``1 .. n_layers`` (``n_layers`` = the final post-norm state)."""
-    n = model.config.num_hidden_layers
-    if isinstance(layer, bool) or not isinstance(layer, int):
-        raise TypeError(f"layer must be an int, got {type(layer).__name__}")
-    k = layer if layer >= 0 else n + 1 + layer
-    if not 1 <= k <= n:
-        raise ValueError(f"layer must be in 1..{n} or -{n}..-1 (output_hidden_states numbering; 0, the "
-                         f"embeddings, cannot be steered), got {layer}")
-    return k
+def normalize_layer(model: nn.Module, layer) -> Optional[int]:
+    """None for ``"final"``, else ``layer`` as a block index in ``0 .. n_blocks - 1``."""
+    if layer == "final":
+        return None
+    n = len(decoder_blocks(model))
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
+        raise ValueError(f"layer must be 'final' or a block index in [-{n}, {n}) for this model's {n} blocks, "
+                         f"got {layer!r}")
+    return layer % n
 
 
 class SteeringHook:
@@ -149,10 +145,12 @@ class SteeringHook:
     the same δ's there; a cached call never sees those positions.
     """
 
-    def __init__(self, model: nn.Module, layer: int, delta_fn: DeltaFn):
+    def __init__(self, model: nn.Module, layer, delta_fn: DeltaFn):
         self.model, self.delta_fn = model, delta_fn
-        self.layer = normalize_layer(model, layer)
-        self.final = self.layer == model.config.num_hidden_layers
+        self.block = normalize_layer(model, layer)
+        # While a delta function runs the model on the sequence so far (LayerSteerer), the hook only
+        # replays earlier δ's, for the batch rows ``rows`` (None: all).
+        self.replay_only, self.rows = False, None
         self.applied: list[tuple[int, Tensor]] = []  # (absolute position, δ [B, d])
         self.past = 0  # positions already in the KV cache at the next call
         self.context: Optional[dict] = None  # step, prev_final, running_log_energy for the next call
@@ -165,7 +163,9 @@ class SteeringHook:
         h = h.clone()
         for pos, delta in self.applied:
             if self.past <= pos < self.past + t - 1:
-                h[:, pos - self.past] += delta
+                h[:, pos - self.past] += (delta if self.rows is None else delta[self.rows]).to(h.dtype)
+        if self.replay_only:
+            return h
         state = h[:, -1].detach()
         self.last_state = state
         self.last = self.delta_fn(StepContext(state=state, **self.context))
@@ -182,10 +182,10 @@ class SteeringHook:
         return self._edit(output)
 
     def __enter__(self) -> "SteeringHook":
-        if self.final:
+        if self.block is None:
             self._handle = self.model.get_output_embeddings().register_forward_pre_hook(self._pre_hook)
         else:
-            self._handle = _blocks(self.model)[self.layer - 1].register_forward_hook(self._post_hook)
+            self._handle = decoder_blocks(self.model)[self.block].register_forward_hook(self._post_hook)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -251,7 +251,10 @@ class FinalStateSteerer:
             idx = torch.tensor([i for i, t in enumerate(rows) if len(t) == m])
             tgt = torch.stack([rows[i] for i in idx.tolist()]).to(h.device)
             want = torch.full(tgt.shape, self.gain, dtype=h.dtype, device=h.device)
-            res = steer_step(h[idx], self.weight, tgt, want, bias=self.bias, **self.solver_options)
+            options = dict(self.solver_options)
+            if h.dtype == torch.float64:  # only the reference backend takes float64 states
+                options.setdefault("impl", "reference")
+            res = steer_step(h[idx], self.weight, tgt, want, bias=self.bias, **options)
             delta[idx] = res.delta_h.to(h.dtype)
             converged[idx] = res.converged.cpu()
             feasible[idx] = res.feasible.cpu()
@@ -288,6 +291,46 @@ class FinalStateSteerer:
             j = rows[0] if g.isnan().all() else rows[int(g.nan_to_num(float("inf")).argmin())]
             delta[i], target[i], converged[i], feasible[i] = d_all[j], flat[j], conv_all[j], feas_all[j]
         return StepDelta(delta, before.cpu(), target, converged, feasible)
+
+
+class LayerSteerer:
+    """Delta function for a block's output: :func:`mppm_ext.steering.steer_layer` on the sequence so far.
+
+    steer_layer runs the model itself (without a cache); meanwhile the hook only replays the δ's of
+    earlier steps, so the Jacobian is taken in the context the cached generation actually has. It numbers
+    positions from the first column, left padding included: exact for unpadded rows and for rotary
+    position embeddings (shift invariant), approximate for padded rows of absolute-position models.
+    """
+
+    def __init__(self, model: nn.Module, block: int, row_targets: list[Tensor], gain: float,
+                 solver_options: Optional[dict] = None):
+        self.model, self.block, self.row_targets, self.gain = model, block, row_targets, float(gain)
+        self.solver_options = dict(solver_options or {})
+        self.hook: Optional[SteeringHook] = None  # set by steered_generate
+
+    def __call__(self, ctx: StepContext) -> StepDelta:
+        from .layers import steer_layer
+
+        b = ctx.state.shape[0]
+        out = _unsteered(ctx.state)
+        if self.gain == 0.0:
+            return out
+        past = self.hook.past
+        try:
+            self.hook.replay_only, self.hook.past = True, 0
+            for m in sorted({len(t) for t in self.row_targets}):
+                idx = torch.tensor([i for i in range(b) if len(self.row_targets[i]) == m])
+                self.hook.rows = idx
+                tgt = torch.stack([self.row_targets[i] for i in idx.tolist()]).to(ctx.state.device)
+                want = torch.full(tgt.shape, self.gain, dtype=torch.float64, device=tgt.device)
+                res = steer_layer(self.model, ctx.input_ids[idx], self.block, tgt, want,
+                                  attention_mask=ctx.attention_mask[idx], **self.solver_options)
+                out.delta[idx] = res.delta_h.to(out.delta.dtype)
+                out.target_log_prob_before[idx] = res.log_prob_before.logsumexp(-1).cpu()
+                out.converged[idx], out.feasible[idx] = res.converged.cpu(), res.feasible.cpu()
+        finally:
+            self.hook.replay_only, self.hook.past, self.hook.rows = False, past, None
+        return out
 
 
 def _unsteered(state: Tensor) -> StepDelta:
@@ -354,7 +397,7 @@ def _check_args(prompts, max_new_tokens, gain, mode, top_k, temperature) -> None
 
 @torch.no_grad()
 def steered_generate(model: nn.Module, tokenizer, prompts: Sequence[str], targets=None, *, gain: float = 2.0,
-                     mode: str = "all", top_k: int = 5, layer: int = -1, max_new_tokens: int = 32,
+                     mode: str = "all", top_k: int = 5, layer="final", max_new_tokens: int = 32,
                      do_sample: bool = False, temperature: float = 1.0, seed: int = 0, use_cache: bool = True,
                      delta_fn: Optional[DeltaFn] = None, solver_options: Optional[dict] = None) -> GenerationResult:
     """Generate ``max_new_tokens`` tokens after each prompt, steering every step towards ``targets``.
@@ -368,21 +411,21 @@ def steered_generate(model: nn.Module, tokenizer, prompts: Sequence[str], target
         gain: wanted increase of log p of each target token per step (0 records without steering).
         mode: "all" (every target token) or "energy" (one of the ``top_k`` most probable targets per step,
             see :class:`FinalStateSteerer`).
-        layer: the steered layer, ``output_hidden_states`` numbering (-1: final post-norm state).
+        layer: "final" (the post-norm state that feeds the LM head) or a block index (0-based, negative
+            from the end), steered with :class:`LayerSteerer` (mode "all" only).
         do_sample: sample from softmax(logits / temperature) with a generator seeded by ``seed``;
             otherwise greedy.
         use_cache: False recomputes the whole sequence at each step (for checking the cached path).
-        delta_fn: a custom :data:`DeltaFn` (required for layers other than the final one).
+        delta_fn: a custom :data:`DeltaFn` instead of the solver (e.g. a fixed direction).
         solver_options: keyword arguments for :func:`mppm_ext.steer_step` (lam, tol, max_iter, ...).
 
     Returns:
         :class:`GenerationResult` with one record per sequence and step. Generation does not stop at EOS.
     """
     _check_args(prompts, max_new_tokens, gain, mode, top_k, temperature)
-    k = normalize_layer(model, layer)
-    final = k == model.config.num_hidden_layers
-    if delta_fn is None and targets is not None and not final:
-        raise ValueError(f"layer {layer} is not the final state: pass delta_fn to steer an earlier layer")
+    block = normalize_layer(model, layer)
+    if block is not None and mode == "energy":
+        raise ValueError("mode 'energy' steers the final state only: use layer='final'")
     device = next(model.parameters()).device
     with _left_padded(tokenizer):
         enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
@@ -392,29 +435,38 @@ def steered_generate(model: nn.Module, tokenizer, prompts: Sequence[str], target
     head = model.get_output_embeddings()
     row_targets = [] if targets is None else targets_mod.resolve_batch(tokenizer, targets, len(prompts),
                                                                         head.weight.shape[0])
-    if delta_fn is None:
-        delta_fn = _unsteered if targets is None else FinalStateSteerer(
-            head.weight, getattr(head, "bias", None), row_targets, gain, mode, top_k, solver_options)
+    if delta_fn is None and targets is None:
+        delta_fn = _unsteered
+    elif delta_fn is None and block is None:
+        delta_fn = FinalStateSteerer(head.weight, getattr(head, "bias", None), row_targets, gain, mode, top_k,
+                                     solver_options)
+    elif delta_fn is None:
+        delta_fn = LayerSteerer(model, block, row_targets, gain, solver_options)
 
     b = ids.shape[0]
     energy_sum, energy_count = (_prompt_log_energy(model, ids, mask) if mode == "energy"
                                 else (torch.zeros(b, dtype=torch.float64), torch.zeros(b, dtype=torch.float64)))
     rec = {name: [] for name in RECORD_FIELDS}
     states, deltas = [], []
+    # transformers 5 renamed the forward's past_key_values to cache (the old name warns).
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     generator = torch.Generator(device=device).manual_seed(seed)
     seq, attn, cache = ids, mask, None
     prev_final = None
     hook = SteeringHook(model, layer, delta_fn)
+    if isinstance(delta_fn, LayerSteerer):
+        delta_fn.hook = hook
     with hook, _FinalStateCapture(model) as capture:
         for step in range(max_new_tokens):
             hook.past = seq.shape[1] - 1 if (use_cache and step > 0) else 0
             if prev_final is None:
                 prev_final = torch.full((b, head.weight.shape[1]), float("nan"), dtype=torch.float64, device=device)
             running = torch.where(energy_count > 0, energy_sum / energy_count.clamp(min=1), float("nan"))
-            hook.context = dict(step=step, prev_final=prev_final, running_log_energy=running)
-            out = model(input_ids=seq[:, hook.past:], attention_mask=attn,
-                        position_ids=_positions(attn)[:, hook.past:], past_key_values=cache, use_cache=use_cache)
-            cache = out.past_key_values if use_cache else None
+            hook.context = dict(step=step, prev_final=prev_final, running_log_energy=running, input_ids=seq,
+                                attention_mask=attn)
+            out = model(input_ids=seq[:, hook.past:], attention_mask=attn, position_ids=_positions(attn)[:, hook.past:],
+                        use_cache=use_cache, **{cache_arg: cache})
+            cache = getattr(out, cache_arg) if use_cache else None
             log_probs = torch.log_softmax(out.logits[:, -1].double(), dim=-1)
             if do_sample:
                 probs = torch.softmax(out.logits[:, -1].double() / temperature, dim=-1)
