@@ -3,11 +3,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstring>
 #include <sstream>
 #include <string>
 
 #include "cpu/row_kernels.h"
+#include "mppm/cg.h"
 #include "mppm/checks.h"
 #include "mppm/energy.h"
 
@@ -205,6 +207,67 @@ void energy(py::handle hidden_c, py::handle logits_c, py::handle tokens_c, py::o
   }
 }
 
+// Batched CG of the steering solve (include/mppm/cg.h); outputs and scratch are allocated by Python.
+void cg_solve(py::handle rows_c, py::object center_c, py::handle rhs_c, double lam, double tol, int64_t max_iter,
+              py::handle out_u_c, py::handle out_iters_c, py::handle out_residual_c, py::handle out_converged_c,
+              py::handle scratch_c, int num_threads, uintptr_t stream) {
+  const TensorView rows = view_of(rows_c, "rows");
+  const TensorView rhs = view_of(rhs_c, "rhs");
+  check_ndim(rows, "rows", 3);
+  check_dtype(rows, "rows", {DType::Float32});
+  check_contiguous(rows, "rows");
+  const int64_t B = rows.size(0), m = rows.size(1), d = rows.size(2);
+  if (m < 1 || d < 1) throw ArgumentError("rows must be [B, m, d] with m >= 1 and d >= 1, got " + shape_string(rows));
+  check_output(rhs, "rhs", rows, DType::Float64, {B, m});
+  CGParams p;
+  p.B = B;
+  p.m = m;
+  p.d = d;
+  p.rows = static_cast<const float*>(rows.data);
+  if (!center_c.is_none()) {
+    const TensorView center = view_of(center_c, "center");
+    check_output(center, "center", rows, DType::Float32, {B, d});
+    p.center = static_cast<const float*>(center.data);
+  }
+  p.rhs = static_cast<const double*>(rhs.data);
+  if (!(lam >= 0.0) || !std::isfinite(lam)) throw ArgumentError("lam must be a finite number >= 0");
+  if (!(tol > 0.0) || !std::isfinite(tol)) throw ArgumentError("tol must be a finite number > 0");
+  if (max_iter < 0) throw ArgumentError("max_iter must be >= 0");
+  p.lam = lam;
+  p.tol = tol;
+  p.max_iter = max_iter;
+  const TensorView out_u = view_of(out_u_c, "out_u");
+  const TensorView out_iters = view_of(out_iters_c, "out_iters");
+  const TensorView out_residual = view_of(out_residual_c, "out_residual");
+  const TensorView out_converged = view_of(out_converged_c, "out_converged");
+  const TensorView scratch = view_of(scratch_c, "scratch");
+  check_output(out_u, "out_u", rows, DType::Float64, {B, m});
+  check_output(out_iters, "out_iters", rows, DType::Int64, {B});
+  check_output(out_residual, "out_residual", rows, DType::Float64, {B});
+  check_output(out_converged, "out_converged", rows, DType::UInt8, {B});
+  check_output(scratch, "scratch", rows, DType::Float64, {B, d + 3 * m});
+  p.u = static_cast<double*>(out_u.data);
+  p.iters = static_cast<int64_t*>(out_iters.data);
+  p.residual = static_cast<double*>(out_residual.data);
+  p.converged = static_cast<uint8_t*>(out_converged.data);
+  p.scratch = static_cast<double*>(scratch.data);
+  if (num_threads < 1) throw ArgumentError("num_threads must be >= 1");
+  p.num_threads = num_threads;
+  p.stream = reinterpret_cast<void*>(stream);
+  p.device_index = rows.device_index;
+  if (rows.device == Device::CPU) {
+    py::gil_scoped_release release;
+    cg_cpu(p);
+  } else {
+#ifdef MPPM_EXT_WITH_CUDA
+    py::gil_scoped_release release;
+    cg_cuda(p);
+#else
+    throw ArgumentError("this build of mppm_ext has no CUDA kernels (built without nvcc)");
+#endif
+  }
+}
+
 int cuda_device_count() {
 #ifdef MPPM_EXT_WITH_CUDA
   int n = 0;
@@ -258,6 +321,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("ignore_index"), py::arg("out_tokens"), py::arg("out_defined"), py::arg("out_stats"),
         py::arg("out_counts"), py::arg("scratch"), py::arg("num_threads"), py::arg("stream"),
         "Fused energy op on DLPack views; see csrc/include/mppm/energy.h for the layout.");
+  m.def("cg_solve", &mppm::cg_solve, py::arg("rows"), py::arg("center"), py::arg("rhs"), py::arg("lam"),
+        py::arg("tol"), py::arg("max_iter"), py::arg("out_u"), py::arg("out_iters"), py::arg("out_residual"),
+        py::arg("out_converged"), py::arg("scratch"), py::arg("num_threads"), py::arg("stream"),
+        "Batched CG on (G G^T + lam I) u = rhs with G = rows - 1 center^T; see csrc/include/mppm/cg.h.");
   m.def("build_info", &mppm::build_info, "What this binary was compiled with.");
   m.def("cpu_isas", &mppm::cpu::supported_isas, "CPU instruction sets compiled and supported here, best first.");
   m.def("set_cpu_isa", &mppm::cpu::set_isa, py::arg("name"), "Pin the CPU row kernels to one instruction set.");

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as check
+from ..streaming import softmax_moments
 from .._dispatch import choose, cpp_reason, cuda_reason
 from . import _checks
 from .cg import triton_cg
@@ -27,13 +28,7 @@ from .gauss_newton import GaussNewtonOptions, Linearization, SteerResult, gauss_
 
 
 def _softmax_moments(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], impl: str) -> tuple[Tensor, Tensor]:
-    try:
-        from ..streaming import softmax_moments
-    except ImportError:  # stand-in until the kernels branch is merged
-        z = hidden.double() @ weight.double().T + (0.0 if bias is None else bias.double())
-        lse, wbar = z.logsumexp(-1), (torch.softmax(z, -1) @ weight.double()).float()
-    else:
-        lse, wbar = softmax_moments(hidden, weight, bias, impl=impl)
+    lse, wbar = softmax_moments(hidden, weight, bias, impl=impl)
     if not (bool(torch.isfinite(lse).all()) and bool(torch.isfinite(wbar).all())):
         raise ValueError("weight or bias holds NaN or inf (the softmax over W h + b is not finite)")
     return lse, wbar
