@@ -166,7 +166,7 @@ class SteeringHook:
                 h[:, pos - self.past] += (delta if self.rows is None else delta[self.rows]).to(h.dtype)
         if self.replay_only:
             return h
-        state = h[:, -1].detach()
+        state = h[:, -1].detach().clone()  # h[:, -1] is edited in place below
         self.last_state = state
         self.last = self.delta_fn(StepContext(state=state, **self.context))
         h[:, -1] += self.last.delta.to(h.dtype)

@@ -17,15 +17,17 @@ from torch import Tensor
 TargetList = Sequence[Union[int, str]]
 
 
-def word_token_ids(tokenizer, word: str) -> list[int]:
-    """Every token id of ``word`` as the tokenizer splits it, bare and after a space, first seen first.
+def word_token_ids(tokenizer, word: str, *, bare: bool = True) -> list[int]:
+    """Every token id of ``word`` as the tokenizer splits it after a space and (with ``bare``) at the start
+    of a text, first seen first. ``bare=False`` leaves out the word-start pieces a BPE vocabulary splits
+    a bare word into (SmolLM2 splits "ocean" into "o" + "cean"), which mean nothing on their own.
 
     Raises ValueError for a word that is empty or that the tokenizer maps to its unknown token."""
     if not isinstance(word, str) or not word.strip():
         raise ValueError(f"target word must be a non-empty string, got {word!r}")
     word = word.strip()
     ids: list[int] = []
-    for form in (" " + word, word):
+    for form in (" " + word, word) if bare else (" " + word,):
         for i in tokenizer(form, add_special_tokens=False)["input_ids"]:
             if i not in ids:
                 ids.append(int(i))
@@ -35,9 +37,9 @@ def word_token_ids(tokenizer, word: str) -> list[int]:
     return ids
 
 
-def resolve(tokenizer, targets: TargetList, vocab_size: int) -> Tensor:
+def resolve(tokenizer, targets: TargetList, vocab_size: int, *, bare: bool = True) -> Tensor:
     """``[m]`` int64 unique token ids for one prompt's targets (ids kept, words expanded by
-    :func:`word_token_ids`). Raises ValueError for an empty list or an id outside ``[0, vocab_size)`` and
+    :func:`word_token_ids` with ``bare``). Raises ValueError for an empty list or an id outside ``[0, vocab_size)`` and
     TypeError for an entry that is neither an int nor a string."""
     if isinstance(targets, (str, int)) or not isinstance(targets, Sequence) or len(targets) == 0:
         raise ValueError(f"targets must be a non-empty list of token ids or words, got {targets!r}")
@@ -45,7 +47,7 @@ def resolve(tokenizer, targets: TargetList, vocab_size: int) -> Tensor:
     for t in targets:
         if isinstance(t, bool) or not isinstance(t, (int, str)):
             raise TypeError(f"target entries must be token ids (int) or words (str), got {type(t).__name__}: {t!r}")
-        new = word_token_ids(tokenizer, t) if isinstance(t, str) else [t]
+        new = word_token_ids(tokenizer, t, bare=bare) if isinstance(t, str) else [t]
         for i in new:
             if not 0 <= i < vocab_size:
                 raise ValueError(f"target token id {i} is outside the vocabulary [0, {vocab_size})")
