@@ -12,6 +12,7 @@
 #include "mppm/cg.h"
 #include "mppm/checks.h"
 #include "mppm/energy.h"
+#include "mppm/softmax_tile.h"
 
 #ifdef MPPM_EXT_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -215,9 +216,9 @@ void cg_solve(py::handle rows_c, py::object center_c, py::handle rhs_c, double l
   const TensorView rhs = view_of(rhs_c, "rhs");
   check_ndim(rows, "rows", 3);
   check_dtype(rows, "rows", {DType::Float32});
-  check_contiguous(rows, "rows");
   const int64_t B = rows.size(0), m = rows.size(1), d = rows.size(2);
   if (m < 1 || d < 1) throw ArgumentError("rows must be [B, m, d] with m >= 1 and d >= 1, got " + shape_string(rows));
+  check_contiguous(rows, "rows");
   check_output(rhs, "rhs", rows, DType::Float64, {B, m});
   CGParams p;
   p.B = B;
@@ -262,6 +263,63 @@ void cg_solve(py::handle rows_c, py::object center_c, py::handle rhs_c, double l
 #ifdef MPPM_EXT_WITH_CUDA
     py::gil_scoped_release release;
     cg_cuda(p);
+#else
+    throw ArgumentError("this build of mppm_ext has no CUDA kernels (built without nvcc)");
+#endif
+  }
+}
+
+// A [R] state vector of softmax_tile: contiguous, on z's device, of one dtype.
+template <typename T>
+T* state_vector(py::handle capsule, const char* name, const TensorView& z, DType dtype) {
+  const TensorView v = view_of(capsule, name);
+  check_dtype(v, name, {dtype});
+  check_ndim(v, name, 1);
+  check_size(v, name, 0, z.size(0), "z.shape[0]");
+  check_contiguous(v, name);
+  check_same_device(v, name, z, "z");
+  return static_cast<T*>(v.data);
+}
+
+void softmax_tile(py::handle z_c, int64_t v0, py::handle run_max_c, py::handle run_sum_c, py::handle bad_col_c,
+                  py::object targets_c, py::object picked_c, py::object alpha_c, int num_threads, uintptr_t stream) {
+  const TensorView z = view_of(z_c, "z");
+  check_ndim(z, "z", 2);
+  check_dtype(z, "z", {DType::Float32});
+  if (z.size(1) < 1) throw ArgumentError("z must have at least one column");
+  check_unit_last_stride(z, "z");
+  if (z.size(0) > 1 && z.stride(0) < z.size(1))
+    throw ArgumentError("z must not overlap itself (z.stride(0) >= z.shape[1])");
+  if (v0 < 0) throw ArgumentError("v0 must be >= 0");
+  if (targets_c.is_none() != picked_c.is_none())
+    throw ArgumentError("targets and picked must be given together");
+
+  SoftmaxTileParams p;
+  p.R = z.size(0);
+  p.C = z.size(1);
+  p.z = static_cast<float*>(z.data);
+  p.z_stride = z.stride(0);
+  p.v0 = v0;
+  p.run_max = state_vector<double>(run_max_c, "run_max", z, DType::Float64);
+  p.run_sum = state_vector<double>(run_sum_c, "run_sum", z, DType::Float64);
+  p.bad_col = state_vector<int64_t>(bad_col_c, "bad_col", z, DType::Int64);
+  if (!targets_c.is_none()) {
+    p.targets = state_vector<const int64_t>(targets_c, "targets", z, DType::Int64);
+    p.picked = state_vector<double>(picked_c, "picked", z, DType::Float64);
+  }
+  if (!alpha_c.is_none()) p.alpha = state_vector<float>(alpha_c, "alpha", z, DType::Float32);
+  if (num_threads < 1) throw ArgumentError("num_threads must be >= 1");
+  p.num_threads = num_threads;
+  p.stream = reinterpret_cast<void*>(stream);
+  p.device_index = z.device_index;
+  if (p.R == 0) return;
+  if (z.device == Device::CPU) {
+    py::gil_scoped_release release;
+    softmax_tile_cpu(p);
+  } else {
+#ifdef MPPM_EXT_WITH_CUDA
+    py::gil_scoped_release release;
+    softmax_tile_cuda(p);
 #else
     throw ArgumentError("this build of mppm_ext has no CUDA kernels (built without nvcc)");
 #endif
@@ -325,6 +383,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("tol"), py::arg("max_iter"), py::arg("out_u"), py::arg("out_iters"), py::arg("out_residual"),
         py::arg("out_converged"), py::arg("scratch"), py::arg("num_threads"), py::arg("stream"),
         "Batched CG on (G G^T + lam I) u = rhs with G = rows - 1 center^T; see csrc/include/mppm/cg.h.");
+  m.def("softmax_tile", &mppm::softmax_tile, py::arg("z"), py::arg("v0"), py::arg("run_max"), py::arg("run_sum"),
+        py::arg("bad_col"), py::arg("targets"), py::arg("picked"), py::arg("alpha"), py::arg("num_threads"),
+        py::arg("stream"),
+        "Fold one fp32 logits tile into a per-row online softmax; see csrc/include/mppm/softmax_tile.h.");
   m.def("build_info", &mppm::build_info, "What this binary was compiled with.");
   m.def("cpu_isas", &mppm::cpu::supported_isas, "CPU instruction sets compiled and supported here, best first.");
   m.def("set_cpu_isa", &mppm::cpu::set_isa, py::arg("name"), "Pin the CPU row kernels to one instruction set.");

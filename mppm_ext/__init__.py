@@ -3,11 +3,13 @@
 Public API:
     energy(hidden, logits, tokens, ...) -> EnergyResult
     steer_step(hidden, weight, targets, delta, ...) -> SteerResult
+    energy_from_hidden(hidden, weight, tokens, ...) -> EnergyResult   (never holds the [B, T, V] logits)
     build_info() -> dict
     set_cpu_isa(name), cpu_isas()
 """
 
 from ._dispatch import BackendUnavailableError
+from .from_hidden import energy_from_hidden
 from .ops import energy
 from .steering import SteerResult, steer_step
 from .results import STAT_QUANTITIES, TOKEN_QUANTITIES, EnergyResult, EnergyStats
@@ -38,5 +40,6 @@ def set_cpu_isa(name: str) -> None:
     compiled().set_cpu_isa(name)
 
 
-__all__ = ["energy", "steer_step", "SteerResult", "EnergyResult", "EnergyStats", "TOKEN_QUANTITIES", "STAT_QUANTITIES",
+__all__ = ["energy", "energy_from_hidden", "steer_step", "SteerResult", "EnergyResult", "EnergyStats",
+           "TOKEN_QUANTITIES", "STAT_QUANTITIES",
            "BackendUnavailableError", "build_info", "cpu_isas", "set_cpu_isa", "__version__"]

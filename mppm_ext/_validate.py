@@ -71,6 +71,17 @@ def finite_rows(x: Tensor, rows: Tensor, name: str) -> None:
         raise ValueError(f"{name} holds NaN or inf in a position that is used")
 
 
+def finite_positions(x: Tensor, rows: Tensor, name: str) -> None:
+    """The rows of ``x`` ([B, T, n]) selected by the bool ``rows`` ([B, T]) hold no NaN or inf; the
+    message names the first offending (batch, position)."""
+    if not has_data(x):
+        return
+    bad = rows & ~torch.isfinite(x).all(dim=-1)
+    if bool(bad.any()):
+        b, t = bad.nonzero()[0].tolist()
+        raise ValueError(f"{name} holds NaN or inf at batch {b}, position {t}")
+
+
 @dataclass(frozen=True)
 class EnergyInputs:
     """The arguments of :func:`mppm_ext.energy`, checked and batched."""
@@ -81,6 +92,22 @@ class EnergyInputs:
     mask: Optional[Tensor]  # [B, T]
     unbatched: bool  # the caller passed [T, ...] tensors
     device: torch.device
+
+
+def _sequence_layout(hidden: Tensor, tokens: Tensor, mask: Optional[Tensor]) -> None:
+    """Shared by energy and energy_from_hidden: batch, length and mask agree; B >= 1, T >= 3."""
+    if mask is not None and mask.shape != tokens.shape:
+        raise ValueError(f"attention_mask must have the shape of tokens {tuple(tokens.shape)}, got {tuple(mask.shape)}")
+    if mask is not None and (mask.is_floating_point() or mask.is_complex()):
+        raise TypeError(f"attention_mask must be bool or integer, got dtype {mask.dtype}")
+
+
+def _sequence_sizes(B: int, T: int) -> None:
+    if B == 0:
+        raise ValueError("the batch is empty (B = 0)")
+    if T < 3:
+        raise ValueError(f"sequences need at least 3 tokens (an energy pairs the step into t with the "
+                         f"surprisal of token t+1), got length {T}")
 
 
 def energy_inputs(hidden, logits, tokens, attention_mask) -> EnergyInputs:
@@ -96,10 +123,7 @@ def energy_inputs(hidden, logits, tokens, attention_mask) -> EnergyInputs:
         raise ValueError(
             f"with hidden of shape {tuple(hidden.shape)} ({layout}), logits must have {hidden.dim()} dimensions "
             f"and tokens {hidden.dim() - 1}; got logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)}")
-    if mask is not None and mask.shape != tokens.shape:
-        raise ValueError(f"attention_mask must have the shape of tokens {tuple(tokens.shape)}, got {tuple(mask.shape)}")
-    if mask is not None and (mask.is_floating_point() or mask.is_complex()):
-        raise TypeError(f"attention_mask must be bool or integer, got dtype {mask.dtype}")
+    _sequence_layout(hidden, tokens, mask)
     if unbatched:
         hidden, logits, tokens = hidden.unsqueeze(0), logits.unsqueeze(0), tokens.unsqueeze(0)
         mask = None if mask is None else mask.unsqueeze(0)
@@ -108,13 +132,87 @@ def energy_inputs(hidden, logits, tokens, attention_mask) -> EnergyInputs:
     if tuple(logits.shape[:2]) != (B, T) or tuple(tokens.shape) != (B, T):
         raise ValueError(f"hidden {tuple(hidden.shape)}, logits {tuple(logits.shape)} and tokens "
                          f"{tuple(tokens.shape)} must agree on batch and length")
-    if B == 0:
-        raise ValueError("the batch is empty (B = 0)")
-    if T < 3:
-        raise ValueError(f"sequences need at least 3 tokens (an energy pairs the step into t with the "
-                         f"surprisal of token t+1), got length {T}")
+    _sequence_sizes(B, T)
     if d == 0 or V == 0:
         raise ValueError(f"hidden size d and vocabulary V must be >= 1, got d={d}, V={V}")
     device = same_device({"hidden": hidden, "logits": logits, "tokens": tokens, "attention_mask": mask})
     index_dtype(tokens, "tokens")
     return EnergyInputs(hidden, logits, tokens, mask, unbatched, device)
+
+
+@dataclass(frozen=True)
+class FromHiddenInputs:
+    """The arguments of :func:`mppm_ext.energy_from_hidden`, checked and batched."""
+
+    hidden: Tensor  # [B, T, d]
+    tokens: Tensor  # [B, T]
+    mask: Optional[Tensor]  # [B, T]
+    unbatched: bool
+    device: torch.device
+
+
+KINETIC_STATES = ("post", "pre")
+
+
+def energy_from_hidden_inputs(hidden, weight, tokens, bias, norm, kinetic_state, attention_mask) -> FromHiddenInputs:
+    """Types, ranks, shapes, devices and the token dtype of energy_from_hidden's arguments."""
+    hidden, tokens = tensor(hidden, "hidden"), tensor(tokens, "tokens")
+    mask = None if attention_mask is None else tensor(attention_mask, "attention_mask")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [B, T, d] or [T, d], got shape {tuple(hidden.shape)}")
+    unbatched = hidden.dim() == 2
+    if tokens.dim() != hidden.dim() - 1:
+        raise ValueError(f"with hidden of shape {tuple(hidden.shape)}, tokens must have {hidden.dim() - 1} "
+                         f"dimensions; got {tuple(tokens.shape)}")
+    _sequence_layout(hidden, tokens, mask)
+    if unbatched:
+        hidden, tokens = hidden.unsqueeze(0), tokens.unsqueeze(0)
+        mask = None if mask is None else mask.unsqueeze(0)
+    if tuple(tokens.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"hidden {tuple(hidden.shape)} and tokens {tuple(tokens.shape)} must agree on batch "
+                         f"and length")
+    _sequence_sizes(hidden.shape[0], hidden.shape[1])
+    unembedding(weight, bias, hidden.shape[-1])
+    if norm is not None and not callable(norm):
+        raise TypeError(f"norm must be callable (e.g. the model's final norm module) or None, got "
+                        f"{type(norm).__name__}")
+    if kinetic_state not in KINETIC_STATES:
+        raise ValueError(f"kinetic_state must be one of {KINETIC_STATES}, got {kinetic_state!r}")
+    if kinetic_state == "pre" and norm is None:
+        raise ValueError("kinetic_state='pre' needs norm: without it hidden is the post-norm state and the "
+                         "pre-norm one is unknown")
+    device = same_device({"hidden": hidden, "weight": weight, "tokens": tokens, "bias": bias,
+                          "attention_mask": mask})
+    index_dtype(tokens, "tokens")
+    return FromHiddenInputs(hidden, tokens, mask, unbatched, device)
+
+
+def unembedding_inputs(hidden, weight, bias, rows: str) -> torch.device:
+    """Types, ranks, shapes and devices of ``hidden [rows, d]``, ``weight [V, d]`` and ``bias [V]``
+    (the streaming functions' arguments); returns their device."""
+    hidden, weight = tensor(hidden, "hidden"), tensor(weight, "weight")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [{rows}, d], got shape {tuple(hidden.shape)}")
+    unembedding(weight, bias, hidden.shape[-1])
+    return same_device({"hidden": hidden, "weight": weight, "bias": bias})
+
+
+def unembedding(weight, bias, d: int) -> None:
+    """``weight`` is a ``[V, d]`` tensor with V, d >= 1 and ``bias`` None or ``[V]``."""
+    tensor(weight, "weight")
+    if weight.dim() != 2 or weight.shape[1] != d:
+        raise ValueError(f"weight must be [V, d] with d = {d} (hidden's last dimension), got shape "
+                         f"{tuple(weight.shape)}")
+    if weight.shape[0] == 0 or d == 0:
+        raise ValueError(f"the vocabulary V and hidden size d must be >= 1, got weight {tuple(weight.shape)}")
+    if bias is not None:
+        tensor(bias, "bias")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+
+
+def float_dtypes(allow_float64: bool, **named: Optional[Tensor]) -> None:
+    """:func:`float_dtype` for every tensor given (None skipped)."""
+    for name, t in named.items():
+        if t is not None:
+            float_dtype(t, name, allow_float64)

@@ -69,6 +69,35 @@ def _energy_fake(hidden, logits, tokens, mask, ignore_index):
     return _energy_outputs(tokens, hidden.device)
 
 
+def _launch_softmax_tile(z, v0, run_max, run_sum, bad_col, targets, picked, alpha, stream: int) -> None:
+    opt = [None if t is None else _view(t) for t in (targets, picked, alpha)]
+    compiled().softmax_tile(_view(z), int(v0), _view(run_max), _view(run_sum), _view(bad_col), *opt,
+                            torch.get_num_threads(), stream)
+
+
+# The epilogue, not energy_from_hidden, is the custom op: the public function takes a Python callable
+# (the model's final norm) and loops over tiles whose count depends on the shapes, neither of which a
+# custom op's schema can carry; each tile's torch.mm is already an aten op that torch.compile sees.
+@torch.library.custom_op("mppm_ext::softmax_tile", mutates_args=("z", "run_max", "run_sum", "bad_col", "picked",
+                                                                  "alpha"), device_types="cpu")
+def softmax_tile_op(z: Tensor, v0: int, run_max: Tensor, run_sum: Tensor, bad_col: Tensor, targets: Optional[Tensor],
+                    picked: Optional[Tensor], alpha: Optional[Tensor]) -> None:
+    """Fold one float32 logits tile ``z [R, C]`` (vocabulary entries ``v0 .. v0+C-1``) into the per-row
+    online softmax state; see csrc/include/mppm/softmax_tile.h and mppm_ext.streaming."""
+    _launch_softmax_tile(z, v0, run_max, run_sum, bad_col, targets, picked, alpha, stream=0)
+
+
+@softmax_tile_op.register_kernel("cuda")
+def _softmax_tile_cuda(z, v0, run_max, run_sum, bad_col, targets, picked, alpha):
+    stream = torch.cuda.current_stream(z.device).cuda_stream
+    _launch_softmax_tile(z, v0, run_max, run_sum, bad_col, targets, picked, alpha, stream=stream)
+
+
+@softmax_tile_op.register_fake
+def _softmax_tile_fake(z, v0, run_max, run_sum, bad_col, targets, picked, alpha):
+    return None
+
+
 def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, attention_mask: Optional[Tensor] = None,
            ignore_index: int = -100, impl: str = "auto") -> EnergyResult:
     """Kinetic energy, point perplexity and the energies built from them, per token and per sequence.

@@ -7,7 +7,7 @@ Shapes: hidden ``[B, T, d]``, logits ``[B, T, V]``, tokens ``[B, T]`` (int), att
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -143,3 +143,17 @@ def steer_direction(hidden: Tensor, weight: Tensor, targets: Tensor, delta: Tens
     A = J @ J.transpose(1, 2) + lam * eye
     u = torch.linalg.pinv(A, hermitian=True) @ delta.double().unsqueeze(-1)
     return (J.transpose(1, 2) @ u).squeeze(-1)
+
+
+def energy_from_hidden(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = None,
+                       norm: Optional[Callable[[Tensor], Tensor]] = None, kinetic_state: str = "post",
+                       attention_mask: Optional[Tensor] = None, ignore_index: int = -100) -> EnergyResult:
+    """Reference for :func:`mppm_ext.energy_from_hidden` on batched inputs: the full logits
+    ``norm(hidden) @ weight.T + bias``, then :func:`energy` on the post-norm states (or on ``hidden``,
+    the pre-norm states, with ``kinetic_state="pre"``). Results in the inputs' dtype."""
+    post = hidden if norm is None else norm(hidden)
+    logits = post @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    states = hidden if kinetic_state == "pre" else post
+    return energy(states, logits, tokens, attention_mask=attention_mask, ignore_index=ignore_index)

@@ -57,93 +57,144 @@ def _compute_dtype(*xs: Tensor) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
-def _tile_logits(h: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-    z = h @ w.T
-    return z if b is None else z.add_(b)
+def _tile_logits(h: Tensor, w: Tensor, w_dt: Optional[Tensor], b: Optional[Tensor], tensor_cores: bool) -> Tensor:
+    """One tile of logits, float32 (float64 for float64 inputs). On CUDA, same-dtype 16-bit operands go
+    to the tensor cores with float32 output (``mm.dtype``: 16-bit products, float32 accumulation, as the
+    float32 reference of the same values); elsewhere the products are formed from ``w_dt``, the chunk
+    already converted. (TF32, when the caller enables it for float32 matmuls, applies here too.)"""
+    if tensor_cores:
+        z = torch.mm(h, w.T, out_dtype=torch.float32)
+        return z if b is None else z.add_(b)
+    if b is None:
+        return h @ w_dt.T
+    return torch.addmm(b, h, w_dt.T)
 
 
-def _raise_non_finite(z: Tensor, r0: int, v0: int) -> None:
-    r, c = (~torch.isfinite(z)).nonzero()[0].tolist()
-    raise ValueError(f"the logits computed from hidden and weight hold {z[r, c].item()} at row {r0 + r}, "
-                     f"vocabulary entry {v0 + c} (NaN or inf in hidden, weight or bias, or an overflow)")
+def _fold_torch(z: Tensor, v0: int, run_max: Tensor, run_sum: Tensor, bad_col: Tensor, targets: Optional[Tensor],
+                picked: Optional[Tensor], alpha: Optional[Tensor]) -> None:
+    """The ``softmax_tile`` contract (csrc/include/mppm/softmax_tile.h) in torch: the reference fold."""
+    cols = z.shape[1]
+    if targets is not None:
+        inside = (targets >= v0) & (targets < v0 + cols)
+        got = z.gather(1, (targets - v0).clamp(0, cols - 1).unsqueeze(1)).squeeze(1).double()
+        picked.copy_(torch.where(inside, got, picked))
+    bad = ~torch.isfinite(z)
+    ok = ~bad.any(dim=1)
+    first_bad = v0 + bad.int().argmax(dim=1)
+    bad_col.copy_(torch.where(~ok & (bad_col < 0), first_bad, bad_col))
+    if alpha is None:
+        tile_lse = torch.logsumexp(z.double(), dim=1)
+        ref = torch.maximum(run_max, tile_lse)
+        new_sum = run_sum * torch.exp(run_max - ref) + torch.exp(tile_lse - ref)
+    else:
+        ref = torch.maximum(run_max, z.max(dim=1).values.double())
+        a = torch.exp(run_max - ref)
+        z.sub_(ref.to(z.dtype).unsqueeze(1)).exp_()
+        z.masked_fill_(~ok.unsqueeze(1), 0.0)
+        new_sum = a * run_sum + z.sum(dim=1, dtype=torch.float64)
+        alpha.copy_(torch.where(ok, a, 1.0))
+    run_sum.copy_(torch.where(ok, new_sum, run_sum))
+    run_max.copy_(torch.where(ok, ref, run_max))
 
 
-def _check_common(hidden, weight, bias, name_rows: str) -> torch.device:
-    hidden, weight = check.tensor(hidden, "hidden"), check.tensor(weight, "weight")
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden must be [{name_rows}, d], got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight must be [V, d] with d = {hidden.shape[1]} (hidden's last dimension), "
-                         f"got shape {tuple(weight.shape)}")
-    if weight.shape[0] == 0 or hidden.shape[1] == 0:
-        raise ValueError(f"the vocabulary V and hidden size d must be >= 1, got weight {tuple(weight.shape)}")
-    if bias is not None:
-        check.tensor(bias, "bias")
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
-    return check.same_device({"hidden": hidden, "weight": weight, "bias": bias})
+def _fold_compiled(z: Tensor, v0: int, run_max: Tensor, run_sum: Tensor, bad_col: Tensor,
+                   targets: Optional[Tensor], picked: Optional[Tensor], alpha: Optional[Tensor]) -> None:
+    from .ops import softmax_tile_op
+
+    softmax_tile_op(z, v0, run_max, run_sum, bad_col, targets, picked, alpha)
 
 
-def _check_dtypes(impl: str, **named: Optional[Tensor]) -> None:
-    for name, t in named.items():
-        if t is not None:
-            check.float_dtype(t, name, allow_float64=impl == "reference")
+@dataclass
+class _Stream:
+    """Per-row state of one streaming pass."""
+
+    lse: Tensor  # [N] float64
+    picked: Optional[Tensor]  # [N] float64: the target logits
+    wbar: Optional[Tensor]  # [N, d] (float32, float64 for float64 inputs), normalised
 
 
-# ---------------------------------------------------------------------------------------------- reference
-
-
-def _token_log_prob_reference(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
+def _stream(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Optional[Tensor], moments: bool,
+            fold) -> _Stream:
+    """One pass over ``weight`` in vocabulary chunks (outer) and row blocks (inner), folding every tile
+    with ``fold`` (the torch or compiled ``softmax_tile``). Extra memory: ``hidden`` converted to the
+    compute dtype and ``wbar`` (O(N*d)), plus one converted vocabulary chunk and one tile (bounded by
+    CHUNK_ELEMENTS and TILE_ELEMENTS); every state vector is O(N)."""
     dt = _compute_dtype(hidden, weight)
     n, d = hidden.shape
     v = weight.shape[0]
     tile = tiling(n, v, d)
-    h = hidden.to(dt)
-    lse = torch.full((n,), float("-inf"), dtype=torch.float64, device=hidden.device)
-    picked = torch.zeros(n, dtype=torch.float64, device=hidden.device)
+    device = hidden.device
+    tensor_cores = hidden.is_cuda and hidden.dtype == weight.dtype and hidden.dtype in (torch.bfloat16,
+                                                                                        torch.float16)
+    h = hidden if tensor_cores else hidden.to(dt)
+    run_max = torch.full((n,), float("-inf"), dtype=torch.float64, device=device)
+    run_sum = torch.zeros(n, dtype=torch.float64, device=device)
+    bad_col = torch.full((n,), -1, dtype=torch.int64, device=device)
+    picked = None if targets is None else torch.zeros(n, dtype=torch.float64, device=device)
+    wbar = torch.zeros(n, d, dtype=dt, device=device) if moments else None
+    alpha = torch.empty(n, dtype=dt, device=device) if moments else None
     for v0 in range(0, v, tile.cols):
         v1 = min(v, v0 + tile.cols)
-        w = weight[v0:v1].to(dt)
+        w = weight[v0:v1]
+        # P @ W needs the converted chunk even when the logits come from the 16-bit operands.
+        w_dt = w.to(dt) if moments or not tensor_cores else None
         b = None if bias is None else bias[v0:v1].to(dt)
         for r0 in range(0, n, tile.rows):
-            r1 = min(n, r0 + tile.rows)
-            z = _tile_logits(h[r0:r1], w, b)
-            if not bool(torch.isfinite(z).all()):
-                _raise_non_finite(z, r0, v0)
-            lse[r0:r1] = torch.logaddexp(lse[r0:r1], torch.logsumexp(z.double(), dim=1))
-            t = targets[r0:r1]
-            inside = (t >= v0) & (t < v1)
-            got = z.gather(1, (t - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1).double()
-            picked[r0:r1] = torch.where(inside, got, picked[r0:r1])
-    return picked - lse
+            rows = slice(r0, min(n, r0 + tile.rows))
+            z = _tile_logits(h[rows], w, w_dt, b, tensor_cores)
+            fold(z, v0, run_max[rows], run_sum[rows], bad_col[rows], None if targets is None else targets[rows],
+                 None if picked is None else picked[rows], None if alpha is None else alpha[rows])
+            if moments:
+                wbar[rows].mul_(alpha[rows].unsqueeze(1)).addmm_(z, w_dt)
+    _raise_if_non_finite(bad_col)
+    if moments:
+        wbar.div_(run_sum.to(dt).unsqueeze(1))
+    return _Stream(run_max + torch.log(run_sum), picked, wbar)
 
 
-def _softmax_moments_reference(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    dt = _compute_dtype(hidden, weight)
-    n, d = hidden.shape
-    v = weight.shape[0]
-    tile = tiling(n, v, d)
-    h = hidden.to(dt)
-    run_max = torch.full((n,), float("-inf"), dtype=torch.float64, device=hidden.device)
-    run_sum = torch.zeros(n, dtype=torch.float64, device=hidden.device)
-    wbar = torch.zeros(n, d, dtype=dt, device=hidden.device)
-    for v0 in range(0, v, tile.cols):
-        v1 = min(v, v0 + tile.cols)
-        w = weight[v0:v1].to(dt)
-        b = None if bias is None else bias[v0:v1].to(dt)
-        for r0 in range(0, n, tile.rows):
-            r1 = min(n, r0 + tile.rows)
-            z = _tile_logits(h[r0:r1], w, b)
-            if not bool(torch.isfinite(z).all()):
-                _raise_non_finite(z, r0, v0)
-            new_max = torch.maximum(run_max[r0:r1], z.max(dim=1).values.double())
-            alpha = torch.exp(run_max[r0:r1] - new_max)
-            p = torch.exp(z - new_max.to(dt).unsqueeze(1))
-            run_sum[r0:r1] = alpha * run_sum[r0:r1] + p.sum(dim=1, dtype=torch.float64)
-            run_max[r0:r1] = new_max
-            wbar[r0:r1] = alpha.to(dt).unsqueeze(1) * wbar[r0:r1] + p @ w
-    lse = run_max + torch.log(run_sum)
-    return lse, (wbar / run_sum.to(dt).unsqueeze(1)).float()
+def _raise_if_non_finite(bad_col: Tensor) -> None:
+    bad = bad_col >= 0
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"the logits computed from hidden, weight and bias hold NaN or inf at row {row}, "
+                         f"vocabulary entry {int(bad_col[row])} (NaN or inf in those inputs, or an overflow)")
+
+
+def triton_reason(device: torch.device) -> Optional[str]:
+    """Why the Triton kernels cannot run on ``device`` (None when they can), also when the
+    mppm_ext.triton package is missing from this installation."""
+    try:
+        from . import triton as triton_kernels
+    except ImportError as exc:
+        return f"mppm_ext.triton is not part of this installation ({exc})"
+    return triton_kernels.unavailable_reason(device)
+
+
+def _backend_reasons(device: torch.device) -> dict:
+    return {
+        "cuda": lambda: cuda_reason(device),
+        "triton": lambda: triton_reason(device),
+        "cpp": lambda: cpp_reason(device),
+        "reference": lambda: None,
+    }
+
+
+def _token_log_prob(impl: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
+    if impl == "triton":
+        from .triton import linear
+
+        return linear.token_log_prob_from_hidden(hidden, weight, bias, targets)
+    s = _stream(hidden, weight, bias, targets, moments=False, fold=_fold_torch if impl == "reference" else _fold_compiled)
+    return s.picked - s.lse
+
+
+def _softmax_moments(impl: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    if impl == "triton":
+        from .triton import linear
+
+        return linear.softmax_moments(hidden, weight, bias)
+    s = _stream(hidden, weight, bias, None, moments=True, fold=_fold_torch if impl == "reference" else _fold_compiled)
+    return s.lse, s.wbar.float()
 
 
 # ---------------------------------------------------------------------------------------------- public
@@ -168,19 +219,19 @@ def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Te
             ValueError naming the row and vocabulary entry when a logit is NaN or inf.
         BackendUnavailableError: ``impl`` cannot run on these tensors.
     """
-    device = _check_common(hidden, weight, bias, "N")
+    device = check.unembedding_inputs(hidden, weight, bias, "N")
     targets = check.tensor(targets, "targets")
     if targets.shape != (hidden.shape[0],):
         raise ValueError(f"targets must be [N] = [{hidden.shape[0]}], got shape {tuple(targets.shape)}")
     check.same_device({"hidden": hidden, "targets": targets})
     check.index_dtype(targets, "targets")
     impl = choose("token_log_prob_from_hidden", impl, _backend_reasons(device))
-    _check_dtypes(impl, hidden=hidden, weight=weight, bias=bias)
+    check.float_dtypes(impl == "reference", hidden=hidden, weight=weight, bias=bias)
     check.token_range(targets, torch.ones_like(targets, dtype=torch.bool), weight.shape[0], "targets")
     targets = targets.long()
     if hidden.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float64, device=device)
-    return _TOKEN_LOG_PROB[impl](hidden, weight, bias, targets)
+    return _token_log_prob(impl, hidden, weight, bias, targets.contiguous())
 
 
 def softmax_moments(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], *,
@@ -202,24 +253,13 @@ def softmax_moments(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], *,
     Raises:
         as :func:`token_log_prob_from_hidden`.
     """
-    device = _check_common(hidden, weight, bias, "B")
+    device = check.unembedding_inputs(hidden, weight, bias, "B")
     impl = choose("softmax_moments", impl, _backend_reasons(device))
-    _check_dtypes(impl, hidden=hidden, weight=weight, bias=bias)
+    check.float_dtypes(impl == "reference", hidden=hidden, weight=weight, bias=bias)
     if hidden.shape[0] == 0:
         return (torch.zeros(0, dtype=torch.float64, device=device),
                 torch.zeros(0, hidden.shape[1], dtype=torch.float32, device=device))
-    return _SOFTMAX_MOMENTS[impl](hidden, weight, bias)
+    return _softmax_moments(impl, hidden, weight, bias)
 
-
-def _backend_reasons(device: torch.device) -> dict:
-    return {
-        "cuda": lambda: cuda_reason(device),
-        "cpp": lambda: cpp_reason(device),
-        "reference": lambda: None,
-    }
-
-
-_TOKEN_LOG_PROB = {"reference": _token_log_prob_reference}
-_SOFTMAX_MOMENTS = {"reference": _softmax_moments_reference}
 
 __all__ = ["token_log_prob_from_hidden", "softmax_moments", "tiling", "Tiling"]

@@ -1,4 +1,4 @@
-// The two inner loops of the CPU `energy` kernel, compiled once per instruction set and chosen at run
+// The inner loops of the CPU `energy` and `softmax_tile` kernels, compiled once per instruction set and chosen at run
 // time, so that one binary uses AVX-512 where the CPU has it and still runs on any x86-64 or aarch64.
 #pragma once
 
@@ -17,6 +17,10 @@ struct RowKernels {
   double (*logsumexp)(const void* row, int64_t n, DType dtype, bool* finite);
   // sum_i (a[i] - b[i])^2 over n elements, in double.
   double (*squared_distance)(const void* a, const void* b, int64_t n, DType dtype);
+  // Max of n float32 values; sets *finite to false when the row holds a NaN or an infinity.
+  float (*row_max)(const float* row, int64_t n, bool* finite);
+  // Overwrites row[i] with exp(row[i] - m) (m >= every row[i]) and returns their sum, in double.
+  double (*exp_shift)(float* row, int64_t n, float m);
 };
 
 // One declaration per compiled instruction set (row_kernels_<isa>.cpp).

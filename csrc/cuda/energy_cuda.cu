@@ -21,6 +21,7 @@
 
 #include "mppm/energy.h"
 #include "mppm/energy_math.h"
+#include "device_guard.cuh"
 
 namespace mppm {
 namespace {
@@ -377,24 +378,6 @@ __global__ void __launch_bounds__(kStatThreads) sequence_stats_kernel(const Ener
 
 // ---------------------------------------------------------------------------------------------------
 // Host side
-
-// Makes `device` current for the lifetime of the guard and restores the caller's device afterwards.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) : device_(device) {
-    check(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device_) check(cudaSetDevice(device_), "cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    if (previous_ != device_) cudaSetDevice(previous_);  // a destructor cannot report a failure
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int device_;
-  int previous_ = 0;
-};
 
 // The fault word of one call, allocated in stream order so that concurrent calls on other streams each
 // get their own and nothing waits for the whole device.

@@ -72,9 +72,9 @@ class LayerProblem:
 
     def _hook(self, module, inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
-        pad = torch.zeros_like(hidden)
-        pad = pad.index_put((slice(None), torch.tensor(self.position)), self._delta.to(hidden.dtype))
-        hidden = hidden + pad
+        at = torch.zeros(hidden.shape[1], 1, dtype=hidden.dtype, device=hidden.device)
+        at[self.position] = 1.0
+        hidden = hidden + at * self._delta.to(hidden.dtype)[:, None, :]  # out of place: torch.func traces it
         return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 
     def log_prob(self, delta_h: Tensor) -> Tensor:
@@ -160,14 +160,17 @@ def steer_layer(model: nn.Module, input_ids: Tensor, layer: int, targets: Tensor
     position %= T
     with eager_attention(model), torch.no_grad():
         captured = {}
-        handle = block.register_forward_hook(
-            lambda mod, inp, out: captured.setdefault("h", (out[0] if isinstance(out, tuple) else out)[:, position]))
+
+        def capture(module, inputs, output):  # returns None: the output is left as it is
+            captured["h"] = (output[0] if isinstance(output, tuple) else output)[:, position]
+
+        handle = block.register_forward_hook(capture)
         try:
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         finally:
             handle.remove()
     hidden = captured["h"].float()
-    with eager_attention(model):
+    with eager_attention(model), torch.no_grad():  # torch.func's vjp/jvp still differentiate inside
         problem = LayerProblem(model, block, input_ids, attention_mask, position, targets.long().to(device), jacobian)
         options = GaussNewtonOptions(lam=float(lam), tol=float(tol), max_iter=max_iter, newton_steps=int(newton_steps),
                                      gain_tol=float(gain_tol), max_step=float(max_step), cg_backend="reference")

@@ -135,7 +135,8 @@ def steer_step(hidden: Tensor, weight: Tensor, targets: Tensor, delta: Tensor, *
     options = GaussNewtonOptions(lam=float(lam), tol=float(tol), max_iter=args.max_iter,
                                  newton_steps=int(newton_steps), gain_tol=float(gain_tol), max_step=float(max_step),
                                  cg_backend=_cg_backend(impl, device))
-    return gauss_newton(problem, problem.hidden, targets.long(), delta.double(), options)
+    with torch.no_grad():  # no graph to the norm's parameters; torch.func's vjp still differentiates
+        return gauss_newton(problem, problem.hidden, targets.long(), delta.double(), options)
 
 
 def _triton_reason(device: torch.device) -> Optional[str]:

@@ -1,0 +1,59 @@
+// CPU `softmax_tile`: folds one logits tile into the per-row online softmax state (softmax_tile.h).
+// Each row is one task: a max pass and an in-place exp pass when the probabilities are wanted, or one
+// logsumexp pass (the energy op's row kernel) when only the log-partition is; the target logit is read
+// before the row is overwritten. OpenMP over rows; the row kernels are the run-time chosen ones.
+#include <omp.h>
+
+#include <cmath>
+
+#include "mppm/softmax_tile.h"
+#include "mppm/softmax_tile_math.h"
+#include "row_kernels.h"
+
+namespace mppm {
+namespace {
+
+int64_t first_non_finite(const float* row, int64_t n) {
+  for (int64_t c = 0; c < n; ++c)
+    if (!std::isfinite(row[c])) return c;
+  return -1;
+}
+
+void fold_row(const SoftmaxTileParams& p, const cpu::RowKernels& k, int64_t r) {
+  float* row = p.z + r * p.z_stride;
+  const int64_t target = target_column(p, r);
+  if (target >= 0) p.picked[r] = double(row[target]);
+  bool finite = true;
+  if (p.alpha == nullptr) {
+    const double tile_lse = k.logsumexp(row, p.C, DType::Float32, &finite);
+    if (finite) fold_logsumexp(p.run_max[r], p.run_sum[r], tile_lse);
+  } else {
+    const float tile_max = k.row_max(row, p.C, &finite);
+    if (finite) {
+      double alpha = 0.0;
+      const double new_max = raise_max(p.run_max[r], double(tile_max), alpha);
+      p.run_sum[r] = alpha * p.run_sum[r] + k.exp_shift(row, p.C, float(new_max));
+      p.alpha[r] = float(alpha);
+    }
+  }
+  if (!finite) {
+    // The state is left as it was (the caller raises); the probabilities of this row are zeroed so
+    // that the caller's product stays finite.
+    if (p.bad_col[r] < 0) p.bad_col[r] = p.v0 + first_non_finite(row, p.C);
+    if (p.alpha != nullptr) {
+      p.alpha[r] = 1.0f;
+      for (int64_t c = 0; c < p.C; ++c) row[c] = 0.0f;
+    }
+  }
+}
+
+}  // namespace
+
+void softmax_tile_cpu(const SoftmaxTileParams& p) {
+  const cpu::RowKernels& kernels = cpu::active_kernels();
+  // A tile row is a few thousand elements (~1-2 us): static chunks of rows are enough balance.
+#pragma omp parallel for schedule(static) num_threads(p.num_threads)
+  for (int64_t r = 0; r < p.R; ++r) fold_row(p, kernels, r);
+}
+
+}  // namespace mppm

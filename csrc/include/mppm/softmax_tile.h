@@ -1,0 +1,47 @@
+// The `softmax_tile` op contract: the fused epilogue of the streaming pass over the unembedding
+// (mppm_ext/streaming.py). The caller forms one tile of logits z = H[r0:r1] @ W[v0:v0+C]^T (+ b) with
+// BLAS / cuBLAS and this op folds it into a per-row online softmax kept in float64:
+//
+//   run_max[r], run_sum[r]   sum over the vocabulary seen so far of exp(z) = run_sum * exp(run_max);
+//                            start at (-inf, 0). logsumexp = run_max + log(run_sum) at the end.
+//   picked[r]                z[r, targets[r] - v0] when the target falls in [v0, v0 + C) (optional).
+//   bad_col[r]               -1 until the row meets a NaN or inf logit, then that logit's vocabulary
+//                            index (the first one met); later tiles leave it alone. Checking it once
+//                            at the end keeps the CUDA path free of a host sync per tile.
+//   alpha[r] (optional)      when given, z is overwritten with P = exp(z - new_max) and alpha receives
+//                            exp(old_max - new_max), so that wbar = alpha * wbar + P @ W_tile keeps
+//                            wbar = sum_v exp(z_v - run_max) W_v (the flash-attention accumulation).
+//
+// Rows are independent and each is reduced in a fixed order, so results do not depend on the thread
+// count or the schedule.
+#pragma once
+
+#include <cstdint>
+
+namespace mppm {
+
+struct SoftmaxTileParams {
+  int64_t R = 0, C = 0;
+  float* z = nullptr;  // z[r, c] at z + r * z_stride + c
+  int64_t z_stride = 0;
+  int64_t v0 = 0;  // vocabulary index of column 0
+
+  double* run_max = nullptr;  // [R], contiguous, in/out
+  double* run_sum = nullptr;  // [R], in/out
+  int64_t* bad_col = nullptr;  // [R], in/out
+
+  const int64_t* targets = nullptr;  // [R] or null
+  double* picked = nullptr;          // [R], written where the target is in this tile; null with targets
+  float* alpha = nullptr;            // [R] or null: null leaves z untouched
+
+  int num_threads = 1;     // CPU only
+  void* stream = nullptr;  // CUDA only: cudaStream_t
+  int device_index = 0;    // CUDA only
+};
+
+void softmax_tile_cpu(const SoftmaxTileParams& p);
+#ifdef MPPM_EXT_WITH_CUDA
+void softmax_tile_cuda(const SoftmaxTileParams& p);
+#endif
+
+}  // namespace mppm
