@@ -115,7 +115,7 @@ def test_cli_writes_json_csv_png(model_dir, prompt_file, tmp_path, capsys):
                   "--gain", "1.0"])
     assert args.run(args) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["config"]["prompts"] == 2 and report["config"]["trained"] is False
+    assert report["config"]["prompts"] == 2 and report["config"]["model"]
     with open(out / "report.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"

@@ -296,10 +296,10 @@ class FinalStateSteerer:
 class LayerSteerer:
     """Delta function for a block's output: :func:`mppm_ext.steering.steer_layer` on the sequence so far.
 
-    steer_layer runs the model itself (without a cache); meanwhile the hook only replays the δ's of
-    earlier steps, so the Jacobian is taken in the context the cached generation actually has. It numbers
-    positions from the first column, left padding included: exact for unpadded rows and for rotary
-    position embeddings (shift invariant), approximate for padded rows of absolute-position models.
+    steer_layer runs the model itself, without a cache, one prompt at a time with its left padding
+    stripped (so positions and attention are those of the generation, for absolute-position models too);
+    meanwhile the hook only replays the δ's of earlier steps at their positions, so the Jacobian is taken
+    in the context the cached generation actually has.
     """
 
     def __init__(self, model: nn.Module, block: int, row_targets: list[Tensor], gain: float,
@@ -311,23 +311,23 @@ class LayerSteerer:
     def __call__(self, ctx: StepContext) -> StepDelta:
         from .layers import steer_layer
 
-        b = ctx.state.shape[0]
         out = _unsteered(ctx.state)
         if self.gain == 0.0:
             return out
         past = self.hook.past
         try:
-            self.hook.replay_only, self.hook.past = True, 0
-            for m in sorted({len(t) for t in self.row_targets}):
-                idx = torch.tensor([i for i in range(b) if len(self.row_targets[i]) == m])
-                self.hook.rows = idx
-                tgt = torch.stack([self.row_targets[i] for i in idx.tolist()]).to(ctx.state.device)
+            self.hook.replay_only = True
+            for i in range(ctx.state.shape[0]):
+                pad = int((ctx.attention_mask[i] == 0).sum())
+                # Row i alone, unpadded: its position p of the padded layout is p - pad here.
+                self.hook.rows, self.hook.past = torch.tensor([i]), pad
+                tgt = self.row_targets[i].view(1, -1).to(ctx.state.device)
                 want = torch.full(tgt.shape, self.gain, dtype=torch.float64, device=tgt.device)
-                res = steer_layer(self.model, ctx.input_ids[idx], self.block, tgt, want,
-                                  attention_mask=ctx.attention_mask[idx], **self.solver_options)
-                out.delta[idx] = res.delta_h.to(out.delta.dtype)
-                out.target_log_prob_before[idx] = res.log_prob_before.logsumexp(-1).cpu()
-                out.converged[idx], out.feasible[idx] = res.converged.cpu(), res.feasible.cpu()
+                res = steer_layer(self.model, ctx.input_ids[i:i + 1, pad:], self.block, tgt, want,
+                                  **self.solver_options)
+                out.delta[i] = res.delta_h[0].to(out.delta.dtype)
+                out.target_log_prob_before[i] = res.log_prob_before[0].logsumexp(-1).item()
+                out.converged[i], out.feasible[i] = bool(res.converged[0]), bool(res.feasible[0])
         finally:
             self.hook.replay_only, self.hook.past, self.hook.rows = False, past, None
         return out
