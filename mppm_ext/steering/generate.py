@@ -168,7 +168,12 @@ class SteeringHook:
             return h
         state = h[:, -1].detach().clone()  # h[:, -1] is edited in place below
         self.last_state = state
-        self.last = self.delta_fn(StepContext(state=state, **self.context))
+        context = dict(self.context)
+        if self.block is None and t >= 2:
+            # In a prefill the previous final state is in this very tensor (the caller learns it later).
+            real = context["attention_mask"][:, -2:-1].bool()
+            context["prev_final"] = torch.where(real, h[:, -2].detach().double(), context["prev_final"])
+        self.last = self.delta_fn(StepContext(state=state, **context))
         h[:, -1] += self.last.delta.to(h.dtype)
         self.applied.append((self.past + t - 1, self.last.delta))
         return h
@@ -452,15 +457,14 @@ def steered_generate(model: nn.Module, tokenizer, prompts: Sequence[str], target
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     generator = torch.Generator(device=device).manual_seed(seed)
     seq, attn, cache = ids, mask, None
-    prev_final = None
+    # The final state before the newest position (NaN: none, as before a one-token prompt).
+    prev_final = torch.full((b, head.weight.shape[1]), float("nan"), dtype=torch.float64, device=device)
     hook = SteeringHook(model, layer, delta_fn)
     if isinstance(delta_fn, LayerSteerer):
         delta_fn.hook = hook
     with hook, _FinalStateCapture(model) as capture:
         for step in range(max_new_tokens):
             hook.past = seq.shape[1] - 1 if (use_cache and step > 0) else 0
-            if prev_final is None:
-                prev_final = torch.full((b, head.weight.shape[1]), float("nan"), dtype=torch.float64, device=device)
             running = torch.where(energy_count > 0, energy_sum / energy_count.clamp(min=1), float("nan"))
             hook.context = dict(step=step, prev_final=prev_final, running_log_energy=running, input_ids=seq,
                                 attention_mask=attn)

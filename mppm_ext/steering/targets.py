@@ -20,7 +20,7 @@ TargetList = Sequence[Union[int, str]]
 def word_token_ids(tokenizer, word: str, *, bare: bool = True) -> list[int]:
     """Every token id of ``word`` as the tokenizer splits it after a space and (with ``bare``) at the start
     of a text, first seen first. ``bare=False`` leaves out the word-start pieces a BPE vocabulary splits
-    a bare word into (SmolLM2 splits "ocean" into "o" + "cean"), which mean nothing on their own.
+    a bare word into (SmolLM2 splits "thunder" into "th" + "under"), which mean nothing on their own.
 
     Raises ValueError for a word that is empty or that the tokenizer maps to its unknown token."""
     if not isinstance(word, str) or not word.strip():
