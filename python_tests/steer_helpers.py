@@ -3,7 +3,6 @@
 import torch
 
 import mppm_ext
-from mppm_ext import reference
 
 
 def steer_inputs(B, m, d, V, *, dtype=torch.float32, delta=0.3, bias=False, seed=0):

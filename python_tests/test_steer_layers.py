@@ -10,9 +10,9 @@ from mppm_ext.steering.layers import decoder_blocks
 transformers = pytest.importorskip("transformers")
 
 
-def gpt2():
+def gpt2(n_embd=32):
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=101, n_positions=32,
+    config = transformers.GPT2Config(n_layer=3, n_embd=n_embd, n_head=4, vocab_size=101, n_positions=32,
                                      bos_token_id=0, eos_token_id=0)
     return transformers.GPT2LMHeadModel(config).eval()
 
@@ -64,10 +64,10 @@ def _at_last(hidden, delta_h):
 
 
 def test_vjp_and_jvp_jacobians_agree():
-    model = gpt2()
-    targets, delta = torch.tensor([[5, 7], [9, 11]]), torch.full((2, 2), 0.2)
-    a = steer_layer(model, ids(), 1, targets, delta, newton_steps=1, position=-3, tol=1e-10)
-    b = steer_layer(model, ids(), 1, targets, delta, newton_steps=1, position=-3, tol=1e-10, jacobian="jvp")
+    model = gpt2(n_embd=16)  # the jvp path runs one forward-mode pass per hidden dimension
+    targets, delta = torch.tensor([[5, 7]]), torch.full((1, 2), 0.2)
+    a = steer_layer(model, ids(B=1), 1, targets, delta, newton_steps=1, position=-3, tol=1e-10)
+    b = steer_layer(model, ids(B=1), 1, targets, delta, newton_steps=1, position=-3, tol=1e-10, jacobian="jvp")
     assert torch.allclose(a.delta_h, b.delta_h, rtol=1e-4, atol=1e-6)
     assert torch.allclose(a.predicted_gain, b.predicted_gain, atol=1e-6)
 

@@ -1,6 +1,8 @@
 """steer_step against the float64 solution (reference.steer_direction), its invariants, and the solver's
 reliability: non-convergence reported, rank-deficient J with lam, infeasible requests."""
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -32,8 +34,8 @@ def test_linear_step_matches_float64(B, m, V, dtype, impl):
                               max_iter=200, max_step=1e6, impl=impl)
     truth = reference.steer_direction(hidden.double(), weight.double(), targets, delta,
                                       None if bias is None else bias.double(), lam=lam)
-    ref = reference.steer_direction(hidden.float(), weight.float(), targets, delta, None if bias is None else bias.float(),
-                                    lam=lam)
+    ref = reference.steer_direction(hidden.float(), weight.float(), targets, delta,
+                                    None if bias is None else bias.float(), lam=lam)
     assert out.delta_h.dtype == torch.float32 and out.delta_h.shape == (B, d)
     assert_close(out.delta_h, ref, truth, "delta_h")
     assert out.cg_converged.all() and (out.cg_residual <= 1e-12).all()
@@ -46,15 +48,12 @@ def test_linear_step_through_norm_matches_float64(norm_kind):
     norm = torch.nn.LayerNorm(d) if norm_kind == "layernorm" else torch.nn.RMSNorm(d, eps=1e-6)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
-    out = mppm_ext.steer_step(hidden, weight, targets, delta, norm=norm, newton_steps=1, tol=1e-12, max_step=1e6, impl=IMPL)
-    truth = reference.steer_direction(hidden.double(), weight.double(), targets, delta, norm=_copy(norm).double())
+    out = mppm_ext.steer_step(hidden, weight, targets, delta, norm=norm, newton_steps=1, tol=1e-12, max_step=1e6,
+                              impl=IMPL)
+    truth = reference.steer_direction(hidden.double(), weight.double(), targets, delta,
+                                      norm=copy.deepcopy(norm).double())
     ref = reference.steer_direction(hidden, weight, targets, delta, norm=norm)
     assert_close(out.delta_h, ref.detach(), truth.detach(), "delta_h")
-
-
-def _copy(module):
-    import copy
-    return copy.deepcopy(module)
 
 
 def test_step_lies_in_row_space_of_j():
@@ -79,7 +78,7 @@ def test_gauss_newton_achieves_requested_gain(m, norm, impl):
     out = mppm_ext.steer_step(hidden, weight, targets, delta, bias=bias, norm=ln, newton_steps=8, gain_tol=1e-3,
                               impl=impl)
     assert out.feasible.all() and out.converged.all(), (out.achieved, out.steps)
-    norm64 = None if ln is None else _copy(ln).double()
+    norm64 = None if ln is None else copy.deepcopy(ln).double()
     before = log_prob64(hidden, weight, targets, bias, norm64)
     after = log_prob64(hidden.double() + out.delta_h.double(), weight, targets, bias, norm64)
     # The reported gains are the measured ones (float32 streaming pass vs float64 here).
@@ -128,7 +127,8 @@ def test_infeasible_request_is_reported_and_bounded():
     assert (out.relative_norm <= 5 * 0.25 + 1e-5).all()
     # two targets whose wanted probabilities sum past 1
     p_half = torch.full((1, 2), -0.5).double() - log_prob64(hidden[:1], weight, targets[:1])
-    assert not mppm_ext.steer_step(hidden[:1], weight, targets[:1], p_half.float(), newton_steps=2, impl=IMPL).feasible.any()
+    too_much = mppm_ext.steer_step(hidden[:1], weight, targets[:1], p_half.float(), newton_steps=2, impl=IMPL)
+    assert not too_much.feasible.any()
 
 
 @pytest.mark.parametrize("center", [True, False])
@@ -190,3 +190,27 @@ def test_property_linear_step(B, m, d, V, delta, scale, seed):
     truth = reference.steer_direction(hidden.double(), weight.double(), targets, deltas, lam=1e-9)
     ref = reference.steer_direction(hidden, weight, targets, deltas, lam=1e-9)
     assert_close(out.delta_h, ref, truth, "delta_h")
+
+
+def test_cg_solve_op_opcheck_and_compile():
+    g = torch.Generator().manual_seed(4)
+    rows, c, rhs = torch.randn(3, 4, 9, generator=g), torch.randn(3, 9, generator=g), torch.randn(3, 4, generator=g)
+    args = (rows, c, rhs.double(), 0.1, 1e-10, 20)
+    torch.library.opcheck(cg.cg_solve_op, args)
+    torch.library.opcheck(cg.cg_solve_op, (rows, None, rhs.double(), 0.0, 1e-10, 20))
+    # backend="eager": fullgraph checks that dynamo captures the opaque op; inductor would add only compile time
+    compiled = torch.compile(lambda *a: cg.cg_solve_op(*a), fullgraph=True, backend="eager")
+    for a, b in zip(compiled(*args), cg.cg_solve_op(*args)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and mppm_ext.build_info()["cuda"]),
+                    reason="needs a CUDA device and a build with nvcc")
+@pytest.mark.parametrize("m", [2, 16, 300])
+def test_cuda_cg_matches_cpu_cg(m):
+    g = torch.Generator().manual_seed(m)
+    rows, c, rhs = torch.randn(7, m, 77, generator=g), torch.randn(7, 77, generator=g), torch.randn(7, m, generator=g)
+    cpu = cg.cg_compiled(rows, c, rhs.double(), 0.05, 1e-10, 2 * m + 10)
+    gpu = cg.cg_compiled(rows.cuda(), c.cuda(), rhs.double().cuda(), 0.05, 1e-10, 2 * m + 10)
+    assert torch.allclose(gpu.u.cpu(), cpu.u, rtol=1e-8, atol=1e-12)
+    assert torch.equal(gpu.converged.cpu(), cpu.converged)

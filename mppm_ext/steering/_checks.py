@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
-from torch import Tensor
 
 from .. import _validate as check
 

@@ -102,28 +102,54 @@ def closed_form(rows: Tensor, center: Optional[Tensor], rhs: Tensor, lam: float,
     return CGResult(u, zeros, residual, residual <= tol)
 
 
+def _cg_outputs(rows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    B, m, _ = rows.shape
+    dev = rows.device
+    return (torch.empty(B, m, dtype=torch.float64, device=dev), torch.empty(B, dtype=torch.int64, device=dev),
+            torch.empty(B, dtype=torch.float64, device=dev), torch.empty(B, dtype=torch.uint8, device=dev))
+
+
+def _launch_cg(rows, center, rhs, lam, tol, max_iter, stream):
+    B, m, d = rows.shape
+    out = _cg_outputs(rows)
+    scratch = torch.empty(B, d + 3 * m, dtype=torch.float64, device=rows.device)
+    compiled().cg_solve(to_dlpack(rows), None if center is None else to_dlpack(center), to_dlpack(rhs),
+                        float(lam), float(tol), int(max_iter), *(to_dlpack(t) for t in out), to_dlpack(scratch),
+                        torch.get_num_threads(), stream)
+    return out
+
+
+@torch.library.custom_op("mppm_ext::cg_solve", mutates_args=(), device_types="cpu")
+def cg_solve_op(rows: Tensor, center: Optional[Tensor], rhs: Tensor, lam: float, tol: float,
+                max_iter: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Packed compiled CG: ``(u [B, m] f64, iters [B] i64, residual [B] f64, converged [B] u8)`` from
+    rows [B, m, d] f32, center [B, d] f32 or None, rhs [B, m] f64 (all contiguous)."""
+    return _launch_cg(rows, center, rhs, lam, tol, max_iter, stream=0)
+
+
+@cg_solve_op.register_kernel("cuda")
+def _cg_solve_cuda(rows, center, rhs, lam, tol, max_iter):
+    return _launch_cg(rows, center, rhs, lam, tol, max_iter, stream=torch.cuda.current_stream(rows.device).cuda_stream)
+
+
+@cg_solve_op.register_fake
+def _cg_solve_fake(rows, center, rhs, lam, tol, max_iter):
+    return _cg_outputs(rows)
+
+
 def cg_compiled(rows: Tensor, center: Optional[Tensor], rhs: Tensor, lam: float, tol: float,
                 max_iter: int) -> CGResult:
     """The C++ (CPU) or CUDA kernel of mppm_ext._C on the device of ``rows``."""
-    B, m, d = rows.shape
-    dev = rows.device
-    rows = rows.float().contiguous()
-    center = None if center is None else center.float().contiguous()
-    rhs = rhs.double().contiguous()
-    u = torch.empty(B, m, dtype=torch.float64, device=dev)
-    iters = torch.empty(B, dtype=torch.int64, device=dev)
-    residual = torch.empty(B, dtype=torch.float64, device=dev)
-    converged = torch.empty(B, dtype=torch.uint8, device=dev)
-    scratch = torch.empty(B, d + 3 * m, dtype=torch.float64, device=dev)
-    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
-    compiled().cg_solve(to_dlpack(rows), None if center is None else to_dlpack(center), to_dlpack(rhs),
-                        float(lam), float(tol), int(max_iter), to_dlpack(u), to_dlpack(iters), to_dlpack(residual),
-                        to_dlpack(converged), to_dlpack(scratch), torch.get_num_threads(), stream)
+    u, iters, residual, converged = cg_solve_op(rows.float().contiguous(),
+                                                None if center is None else center.float().contiguous(),
+                                                rhs.double().contiguous(), float(lam), float(tol), int(max_iter))
     return CGResult(u, iters, residual, converged.bool())
 
 
 def triton_cg():
-    """``mppm_ext.triton.cg.cg_solve`` when the triton branch provides it, else None."""
+    """``mppm_ext.triton.cg.cg_solve`` when the triton branch provides it, else None. Expected contract:
+    ``cg_solve(rows, center, rhs, lam, tol, max_iter) -> (u [B, m], iters [B], residual [B], converged [B])``
+    with the meaning of :class:`CGResult`."""
     try:
         from ..triton.cg import cg_solve
     except ImportError:

@@ -138,7 +138,8 @@ def steer_layer(model: nn.Module, input_ids: Tensor, layer: int, targets: Tensor
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty [B, T] tensor, got shape {tuple(input_ids.shape)}")
     check.index_dtype(input_ids, "input_ids")
-    if attention_mask is not None and tuple(check.tensor(attention_mask, "attention_mask").shape) != tuple(input_ids.shape):
+    mask_shape = None if attention_mask is None else tuple(check.tensor(attention_mask, "attention_mask").shape)
+    if mask_shape is not None and mask_shape != tuple(input_ids.shape):
         raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(attention_mask.shape)}")
     if jacobian not in ("vjp", "jvp"):

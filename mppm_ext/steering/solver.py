@@ -75,7 +75,7 @@ class FinalStateProblem:
         return pulled[:, :-1], pulled[:, -1]
 
 
-def _cg_backend(impl: str, device: torch.device) -> str:
+def _cg_backend(impl: str) -> str:
     if impl == "triton" and triton_cg() is None:
         return "reference"
     return impl
@@ -134,7 +134,7 @@ def steer_step(hidden: Tensor, weight: Tensor, targets: Tensor, delta: Tensor, *
     problem = FinalStateProblem(hidden, weight, bias, targets.long(), norm, impl)
     options = GaussNewtonOptions(lam=float(lam), tol=float(tol), max_iter=args.max_iter,
                                  newton_steps=int(newton_steps), gain_tol=float(gain_tol), max_step=float(max_step),
-                                 cg_backend=_cg_backend(impl, device))
+                                 cg_backend=_cg_backend(impl))
     with torch.no_grad():  # no graph to the norm's parameters; torch.func's vjp still differentiates
         return gauss_newton(problem, problem.hidden, targets.long(), delta.double(), options)
 
