@@ -7,8 +7,13 @@ from pathlib import Path
 
 
 def cache_dir(*parts: str) -> Path:
-    """The cache directory (or a path inside it); created on first use."""
+    """The cache directory (or a path inside it); created on first use. An OSError of the same kind says
+    which directory could not be made and how to choose another."""
     root = Path(os.environ.get("MPPM_EXT_CACHE") or Path.home() / ".cache" / "mppm_ext").expanduser()
     path = root.joinpath(*parts)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise type(err)(f"cache directory {str(path)!r} cannot be created ({err.strerror or err}); set "
+                        "MPPM_EXT_CACHE to a writable directory") from err
     return path

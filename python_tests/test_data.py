@@ -103,3 +103,11 @@ def test_fetched_corpora(name, count, first):
     docs = data.load_corpus(name)
     assert len(docs) == count
     assert docs[0].startswith(first)
+
+
+def test_unusable_cache_directory_says_so(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MPPM_EXT_CACHE", str(blocker))
+    with pytest.raises(OSError, match="a-file.*MPPM_EXT_CACHE to a writable directory"):
+        data.fetch("lee")

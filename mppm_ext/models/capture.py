@@ -57,8 +57,9 @@ def capture(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *
     n_blocks = len(block_list)
     hidden: dict[int, Tensor] = {}
     hooks = []
+    wanted = list(dict.fromkeys(int(i) for i in layers))
     try:
-        for layer in dict.fromkeys(int(i) for i in layers):
+        for layer in wanted:
             hooks.append(_hook(model, block_list, n_blocks, layer, pre_norm, hidden))
         with torch.no_grad():
             kwargs = dict(attention_mask=attention_mask, use_cache=False, output_hidden_states=False)
@@ -70,7 +71,7 @@ def capture(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *
     finally:
         for h in hooks:
             h.remove()
-    return Captured(hidden=hidden, logits=out)
+    return Captured(hidden={layer: hidden[layer] for layer in wanted}, logits=out)
 
 
 def _hook(model, block_list, n_blocks: int, layer: int, pre_norm: bool, store: dict):

