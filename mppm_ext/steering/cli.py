@@ -21,7 +21,8 @@ _PRINTED = (("similarity", "similarity to concept"), ("perplexity", "perplexity 
 def register(subparsers) -> None:
     p = subparsers.add_parser("steer-eval", help="compare steered with natural continuations",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m", help="a name or path for mppm_ext.models.load (default: %(default)s)")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="a name or path for mppm_ext.models.load (default: %(default)s)")
     p.add_argument("--prompts", type=Path, default=None, help="prompt set JSON (default: the shipped one)")
     p.add_argument("--out", type=Path, required=True, help="output directory for report.json, report.csv, report.png")
     p.add_argument("--max-new-tokens", type=int, default=24)

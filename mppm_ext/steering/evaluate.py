@@ -194,7 +194,8 @@ def _reports(condition: str, specs, run: GenerationResult, sims: Tensor, ppl: Te
             distinct_2=distinct_n(tokens, 2), cv_log_energy=_cv(run.log_energy[i]),
             cv_log_kinetic=_cv(torch.log(run.kinetic[i])), cv_surprisal=_cv(run.surprisal[i]),
             mean_log_energy=mean(run.log_energy[i]), mean_delta_norm=mean(delta), mean_relative_delta_norm=mean(rel),
-            mean_addition_norm=mean(a), addition_to_minimal_ratio=mean(a[both] / delta[both]) if both.any() else math.nan,
+            mean_addition_norm=mean(a),
+            addition_to_minimal_ratio=mean(a[both] / delta[both]) if both.any() else math.nan,
             mean_target_gain=mean(gain), feasible_steps=float(run.feasible[i].double().mean()),
             converged_steps=float(run.converged[i].double().mean())))
     return rows
