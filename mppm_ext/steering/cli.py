@@ -1,0 +1,127 @@
+"""``mppm steer-eval``: steered against natural continuations on the shipped prompt set, written as a
+JSON and a CSV report and a PNG plot (see :mod:`mppm_ext.steering.evaluate`)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+
+#: Summary figures printed, with their labels.
+_PRINTED = (("similarity", "similarity to concept"), ("perplexity", "perplexity (unsteered model)"),
+            ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"), ("cv_log_energy", "CV of log E"),
+            ("cv_log_kinetic", "CV of log K"), ("cv_surprisal", "CV of surprisal"),
+            ("mean_target_gain", "target log-p gain / step"), ("mean_delta_norm", "||delta|| minimal-norm"),
+            ("mean_relative_delta_norm", "||delta|| / ||h||"), ("mean_addition_norm", "||delta|| activation addition"),
+            ("addition_to_minimal_ratio", "addition / minimal norm"))
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("steer-eval", help="compare steered with natural continuations",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m",
+                   help="a name or path for mppm_ext.models.load (default: %(default)s)")
+    p.add_argument("--prompts", type=Path, default=None, help="prompt set JSON (default: the shipped one)")
+    p.add_argument("--out", type=Path, required=True, help="output directory for report.json, report.csv, report.png")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--gain", type=float, default=2.0, help="wanted log-p increase of each target token per step")
+    p.add_argument("--mode", choices=("all", "energy"), default="all", help="target choice (see steered_generate)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run)
+
+
+def _check_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"--out {out}: not a writable directory ({err.strerror or err})") from err
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import models
+    from .evaluate import SentenceEmbedder, evaluate, load_prompts
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    _check_out(args.out)
+    specs = load_prompts(args.prompts)[: args.limit]
+    loaded = models.load(args.model)
+    report = evaluate(loaded.model, loaded.tokenizer, specs, embedder=SentenceEmbedder(), gain=args.gain,
+                      mode=args.mode, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    report["config"].update(model=loaded.name, trained=loaded.trained, source=str(loaded.source))
+    write(report, args.out)
+    print(summary_text(report))
+    print(f"wrote {args.out / 'report.json'}, report.csv, report.png")
+    return 0
+
+
+def write(report: dict, out: Path) -> None:
+    """report.json, report.csv (one row per prompt and condition) and report.png into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(_strict(report), indent=1, allow_nan=False))
+    with open(out / "report.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(report["rows"][0]))
+        writer.writeheader()
+        writer.writerows(report["rows"])
+    plot(report, out / "report.png")
+
+
+def _strict(x):
+    """``x`` with NaN/inf floats as null: strict JSON (NaN marks an undefined figure, e.g. a CV of one step)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _strict(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_strict(v) for v in x]
+    return x
+
+
+def summary_text(report: dict) -> str:
+    c = report["config"]
+    lines = [f"steer-eval: {c.get('model', '?')}, {c['prompts']} prompts, {c['max_new_tokens']} tokens, "
+             f"gain {c['gain']}, mode {c['mode']}", f"{'':32s}{'natural':>12s}{'steered':>12s}"]
+    for key, label in _PRINTED:
+        vals = [report["summary"][cond].get(key, math.nan) for cond in ("natural", "steered")]
+        lines.append(f"{label:32s}" + "".join(f"{v:12.4g}" for v in vals))
+    first = [r for r in report["rows"] if r["index"] == 0]
+    lines.append(f"example prompt: {first[0]['prompt']!r} -> concept {first[0]['concept']!r}")
+    lines += [f"  {r['condition']:8s}: {r['continuation']!r}" for r in first]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Three panels: similarity per prompt, log E along the continuation, minimal vs addition norms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {c: [r for r in report["rows"] if r["condition"] == c] for c in ("natural", "steered")}
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    n = len(rows["natural"])
+    for k, (cond, color) in enumerate((("natural", "tab:gray"), ("steered", "tab:blue"))):
+        ax[0].bar([i + 0.4 * k for i in range(n)], [r["similarity"] for r in rows[cond]], 0.4, color=color, label=cond)
+        for j, series in enumerate(report["log_energy"][cond]):
+            ax[1].plot(series, color=color, alpha=0.5, label=cond if j == 0 else None)
+    ax[0].set(xlabel="prompt", ylabel="cosine similarity to concept", title="similarity to the target concept")
+    ax[1].set(xlabel="generated token", ylabel="log E = log K + s", title="energy along the continuation")
+    st = rows["steered"]
+    ax[2].scatter([r["mean_delta_norm"] for r in st], [r["mean_addition_norm"] for r in st], color="tab:blue")
+    top = max([r["mean_addition_norm"] for r in st if math.isfinite(r["mean_addition_norm"])] +
+              [r["mean_delta_norm"] for r in st if math.isfinite(r["mean_delta_norm"])] + [1e-9])
+    ax[2].plot([0, top], [0, top], "k--", lw=1, label="equal norm")
+    ax[2].set(xlabel="||delta|| minimal-norm (mean per prompt)", ylabel="||delta|| activation addition",
+              title="same log-p gain: step lengths")
+    for a in ax:
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
