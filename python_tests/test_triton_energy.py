@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import mppm_ext
@@ -15,6 +15,8 @@ from helpers import assert_energy_matches, make_inputs
 from triton_support import DEVICE, needs_triton
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# No shrinking: under the interpreter it takes minutes; a failure is reported as drawn.
+BOUNDED = (Phase.explicit, Phase.reuse, Phase.generate)
 
 
 def energy(hidden, logits, tokens, **kwargs):
@@ -154,7 +156,7 @@ def test_deterministic():
 
 
 @needs_triton
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, phases=BOUNDED, derandomize=True)
 @given(B=st.integers(1, 2), T=st.integers(3, 9), d=st.integers(1, 20), V=st.integers(1, 300),
        dtype=st.sampled_from(DTYPES), scale=st.sampled_from([1e-3, 3.0, 50.0]), seed=st.integers(0, 2**16))
 def test_property_matches_reference(B, T, d, V, dtype, scale, seed):
