@@ -17,29 +17,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._dot import compute_dtype, dot_precision, tl_dtype
+
 # Programs to aim for when choosing the vocabulary split: two waves on an H100's 132 SMs. A constant
 # rather than the device's SM count, so that a given shape combines its partials the same way (and
 # gives the same bits) on every device.
 _TARGET_PROGRAMS = 264
-
-
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """The dtype both tl.dot operands are converted to in registers: the inputs' common 16-bit
-    dtype (tensor cores, exact products, fp32 accumulation), else float32 (no copies of W)."""
-    from . import _interpreted
-
-    dtypes = {t.dtype for t in tensors}
-    common = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    # Triton's interpreter keeps bfloat16 as raw uint16 bits and multiplies those in tl.dot (Triton
-    # 3.9): there bf16 tiles go through fp32, which gives the same products (bf16 x bf16 is exact
-    # in fp32) in another summation order.
-    if common == torch.bfloat16 and _interpreted():
-        return torch.float32
-    return common
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
 def _row_block(n: int) -> int:
@@ -165,7 +148,7 @@ def _operands(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
     """Unit last strides (the tiles are loaded along d) and the compute dtype."""
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    compute = _compute_dtype(hidden, weight)
+    compute = compute_dtype(hidden, weight)
     return hidden, weight, (bias if bias is None else bias.contiguous()), compute
 
 
@@ -194,8 +177,7 @@ def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Te
     _token_log_prob_kernel[(cfg["row_blocks"], splits)](
         hidden, weight, hidden if bias is None else bias, targets.contiguous(), m, s, picked,
         N, V, D, hidden.stride(0), weight.stride(0), cfg["tiles_per_split"],
-        HAS_BIAS=bias is not None, COMPUTE=_tl_dtype(compute),
-        PRECISION="ieee" if compute == torch.float32 else "tf32",
+        HAS_BIAS=bias is not None, COMPUTE=tl_dtype(compute), PRECISION=dot_precision(compute),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -293,8 +275,7 @@ def softmax_moments(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> t
     _softmax_moments_kernel[(cfg["row_blocks"], splits)](
         hidden, weight, hidden if bias is None else bias, m, s, acc,
         B, V, D, hidden.stride(0), weight.stride(0), cfg["tiles_per_split"],
-        HAS_BIAS=bias is not None, COMPUTE=_tl_dtype(compute),
-        PRECISION="ieee" if compute == torch.float32 else "tf32",
+        HAS_BIAS=bias is not None, COMPUTE=tl_dtype(compute), PRECISION=dot_precision(compute),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
