@@ -151,3 +151,38 @@ def test_property_matches_reference(N, d, V, dtype, bias, scale, seed):
     hidden, weight, b, targets = make_linear(N, d, V, dtype=dtype, bias=bias, scale=scale, seed=seed)
     check_token_log_prob(hidden, weight, b, targets)
     check_moments(hidden, weight, b)
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    ({"hidden": torch.randn(3, 5, 8)}, ValueError, r"hidden must be \[N, d\] and weight \[V, d\]"),
+    ({"weight": torch.randn(11, 7)}, ValueError, r"got hidden \(3, 8\) and weight \(11, 7\)"),
+    ({"weight": torch.randn(0, 8)}, ValueError, "V, d >= 1"),
+    ({"bias": torch.randn(10)}, ValueError, r"bias must be \[V\] = \[11\]"),
+    ({"hidden": torch.randn(3, 8).double()}, TypeError, "hidden must be a float32, bfloat16 or float16 tensor"),
+    ({"weight": torch.ones(11, 8, dtype=torch.int64)}, TypeError, "weight must be a float32"),
+    ({"bias": [0.0] * 11}, TypeError, "bias must be a float32, bfloat16 or float16 tensor, got list"),
+    ({"bias": torch.randn(11, device="meta")}, ValueError, "must be on one device"),
+    ({"targets": torch.zeros(3)}, ValueError, "targets must be an int32 or int64"),
+    ({"targets": torch.zeros(4, dtype=torch.long)}, ValueError, r"targets must be an int32 or int64 \[N\] = \[3\]"),
+])
+def test_bad_arguments(change, exc, match):
+    """Wrong ranks, sizes, dtypes and devices raise naming the argument (B or N = 0 is allowed)."""
+    from mppm_ext.triton.linear import softmax_moments, token_log_prob_from_hidden
+
+    args = {"hidden": torch.randn(3, 8), "weight": torch.randn(11, 8), "bias": torch.randn(11),
+            "targets": torch.zeros(3, dtype=torch.long), **change}
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type != "meta" else v for k, v in args.items()}
+    with pytest.raises(exc, match=match):
+        token_log_prob_from_hidden(**args)
+    if "targets" not in change:
+        with pytest.raises(exc, match=match):
+            softmax_moments(args["hidden"], args["weight"], args["bias"])
+
+
+def test_empty_batch():
+    from mppm_ext.triton.linear import softmax_moments, token_log_prob_from_hidden
+
+    hidden, weight = torch.randn(0, 8, device=DEVICE), torch.randn(5, 8, device=DEVICE)
+    assert token_log_prob_from_hidden(hidden, weight, None, torch.zeros(0, dtype=torch.long, device=DEVICE)).shape == (0,)
+    lse, wbar = softmax_moments(hidden, weight, None)
+    assert lse.shape == (0,) and wbar.shape == (0, 8)

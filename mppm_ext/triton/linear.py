@@ -26,28 +26,29 @@ _TARGET_PROGRAMS = 264
 
 
 def _row_block(n: int) -> int:
-    """Rows per program: tl.dot needs at least 16; 128 fills an H100 tensor-core tile (128x128x64
-    bf16 tiles reach ~70% of peak in Triton's matmul tutorial); small n (steering) wastes less."""
+    """Rows per program: tl.dot needs at least 16; 128 x 128 x 64 bf16 is the usual Hopper GEMM tile
+    of Triton's matmul configurations; a small n (steering) pads less."""
     return max(16, min(128, triton.next_power_of_2(n)))
 
 
 def _config(n: int, vocab: int, compute: torch.dtype) -> dict:
+    """Tile sizes, launch options and the vocabulary split for n rows."""
+    from . import _interpreted
+
     block_n = _row_block(n)
     if compute == torch.float32:
-        # fp32 operands take the "ieee" path (CUDA-core FMAs, not TF32, whose 10-bit mantissa would
-        # miss the float32 tolerance): smaller tiles keep the fp32 tiles in registers.
+        # fp32 operands multiply on CUDA cores (see _dot.dot_precision): smaller tiles keep them in
+        # registers.
         block_n, block_v, block_d, warps, stages = min(block_n, 64), 64, 32, 4, 2
     else:
         block_v, block_d, warps, stages = 128, 64, 8, 3
-    from . import _interpreted
-
     if _interpreted():
         # The interpreter's cost is per operation, not per element: wider vocabulary tiles (same code,
         # other constants) keep V = 50257 to a few seconds in the tests.
         block_v = 512
     row_blocks = triton.cdiv(n, block_n)
     tiles = triton.cdiv(vocab, block_v)
-    per_split = triton.cdiv(tiles, max(1, min(tiles, triton.cdiv(_TARGET_PROGRAMS, row_blocks))))
+    per_split = triton.cdiv(tiles, max(1, min(tiles, triton.cdiv(_TARGET_PROGRAMS, max(row_blocks, 1)))))
     return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
                 row_blocks=row_blocks, tiles_per_split=per_split, splits=triton.cdiv(tiles, per_split))
 
@@ -145,7 +146,20 @@ def _token_log_prob_combine_kernel(m_ptr, s_ptr, picked_ptr, out_ptr, N,
 
 
 def _operands(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
-    """Unit last strides (the tiles are loaded along d) and the compute dtype."""
+    """Checked operands with unit last strides (the tiles are loaded along d), and the compute dtype."""
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    named = {"hidden": hidden, "weight": weight, "bias": bias}
+    for name, t in named.items():
+        if t is not None and (not isinstance(t, Tensor) or t.dtype not in floats):
+            raise TypeError(f"{name} must be a float32, bfloat16 or float16 tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or 0 in weight.shape:
+        raise ValueError(f"hidden must be [N, d] and weight [V, d] with V, d >= 1; got hidden {tuple(hidden.shape)} "
+                         f"and weight {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if len({t.device for t in named.values() if t is not None}) != 1:
+        raise ValueError("hidden, weight and bias must be on one device")
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     compute = compute_dtype(hidden, weight)
@@ -160,15 +174,21 @@ def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Te
         weight: ``[V, d]`` float32, bfloat16 or float16 (the unembedding; may differ from hidden's
             dtype, in which case the products are taken in float32).
         bias: ``[V]`` or None.
-        targets: ``[N]`` int64 (or int32) ids in ``[0, V)`` (the caller checks).
+        targets: ``[N]`` int64 (or int32) ids in ``[0, V)`` (the range is the caller's to check: it
+            would cost a device sync here).
 
     Returns:
         ``[N]`` float64. Logits tiles accumulate in fp32 (bf16/fp16 operands on tensor cores; fp32
         operands in true fp32, not TF32); the logsumexp is summed and finished in fp64.
     """
+    hidden, weight, bias, compute = _operands(hidden, weight, bias)
     N, D = hidden.shape
     V = weight.shape[0]
-    hidden, weight, bias, compute = _operands(hidden, weight, bias)
+    if not isinstance(targets, Tensor) or targets.shape != (N,) or targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"targets must be an int32 or int64 [N] = [{N}] tensor, got "
+                         f"{getattr(targets, 'dtype', type(targets).__name__)} {tuple(getattr(targets, 'shape', ()))}")
+    if targets.device != hidden.device:
+        raise ValueError(f"targets must be on hidden's device {hidden.device}, got {targets.device}")
     cfg = _config(N, V, compute)
     splits = cfg["splits"]
     m = torch.empty(splits, N, dtype=torch.float32, device=hidden.device)
@@ -261,9 +281,9 @@ def softmax_moments(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> t
         ``(lse [B] float64, wbar [B, d] float32)`` with z = hidden @ weight.T + bias,
         lse = logsumexp(z) and wbar = softmax(z) @ weight (the gradient of lse with respect to h).
     """
+    hidden, weight, bias, compute = _operands(hidden, weight, bias)
     B, D = hidden.shape
     V = weight.shape[0]
-    hidden, weight, bias, compute = _operands(hidden, weight, bias)
     cfg = _config(B, V, compute)
     if compute != torch.float32:
         # The p @ W product is fp32 whatever the operands: keep its tiles as small as the fp32 path's.
