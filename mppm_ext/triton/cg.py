@@ -42,7 +42,7 @@ def _cg_kernel(g_ptr, rhs_ptr, u_ptr, iters_ptr, residual_ptr,
     p = rhs
     rr = tl.sum(r * r, 0)
     stop = rr * tol2
-    it = tl.sum(tl.zeros([M_PAD], dtype=tl.int32), 0)
+    it = tl.full([], 0, tl.int32)
     curvature = rr + 1.0  # > 0 until p^T A p vanishes (singular A, rhs off its range): then stop
     while (it < max_iter) & (rr > stop) & (curvature > 0):
         ap = tl.sum(a * p[None, :], 1)

@@ -57,8 +57,8 @@ def _energy_kernel(hidden_ptr, logits_ptr, tokens_ptr, real_ptr, log_prob_ptr, k
         # aligned body of whole tiles, a masked tail. Masks with a runtime bound would stop the
         # compiler from vectorising, so the body has none.
         head = tl.minimum((VEC - row_off % VEC) % VEC, V)
-        m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), 0)
-        s = tl.sum(tl.zeros([BLOCK_V], tl.float64), 0)
+        m = tl.full([], float("-inf"), tl.float32)
+        s = tl.full([], 0.0, tl.float64)
         x = tl.load(logits_ptr + row_off + lane, mask=lane < head, other=float("-inf")).to(tl.float32)
         # poison is 0 while every logit is finite and NaN otherwise (inf * 0 = NaN); -inf logits
         # would otherwise vanish from the logsumexp unnoticed.
