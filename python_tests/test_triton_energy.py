@@ -211,3 +211,18 @@ def test_int64_offsets():
     check(hidden[:, last], logits[:, last], tokens[:, last])
     tail = energy(hidden[:, last], logits[:, last], tokens[:, last])
     assert torch.equal(result.log_prob[:, last][:, :-1], tail.log_prob[:, :-1])
+
+
+@needs_triton
+def test_unbatched_and_int32_tokens():
+    hidden, logits, tokens = make_inputs(1, 12, 10, 211, device=DEVICE)
+    result = energy(hidden[0], logits[0], tokens[0].int())
+    assert result.log_prob.shape == (12,)
+    reference_result = energy(hidden, logits, tokens)
+    assert torch.equal(result.log_energy.nan_to_num(7.0), reference_result.log_energy[0].nan_to_num(7.0))
+
+
+def test_meta_tensors_name_the_device():
+    hidden, logits, tokens = (t.to("meta") for t in make_inputs(1, 5, 4, 9))
+    with pytest.raises(mppm_ext.BackendUnavailableError, match="triton: Triton kernels run on CUDA tensors"):
+        energy(hidden, logits, tokens)
