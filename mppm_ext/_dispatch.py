@@ -54,6 +54,25 @@ def cuda_reason(device: torch.device) -> Optional[str]:
     return None
 
 
+def triton_reason(device: torch.device, requested: str) -> Optional[str]:
+    """Why the Triton kernels cannot run on ``device`` for a call that asked for ``requested``
+    (``"auto"`` or a backend name). On CPU tensors Triton runs only in its interpreter, which is for
+    tests (thousands of times slower than cpp): ``"auto"`` passes it over, ``impl="triton"`` gets it."""
+    from .triton import unavailable_reason
+
+    why = unavailable_reason(device)
+    if why is None and device.type == "cpu" and resolve(requested) != "triton":
+        return "on CPU tensors Triton runs only in its interpreter, which impl='auto' passes over (ask for impl='triton')"
+    return why
+
+
+def resolve(impl: str) -> str:
+    """``impl`` with ``"auto"`` replaced by ``MPPM_EXT_IMPL`` when that is set."""
+    if impl == "auto":
+        return os.environ.get("MPPM_EXT_IMPL", "auto") or "auto"
+    return impl
+
+
 def choose(op: str, impl: str, reasons: dict[str, Callable[[], Optional[str]]]) -> str:
     """Pick the backend for ``op``.
 
@@ -63,8 +82,7 @@ def choose(op: str, impl: str, reasons: dict[str, Callable[[], Optional[str]]]) 
         reasons: for every backend the op has, a callable returning why it cannot run these inputs
             (``None`` when it can). Backends missing from the mapping do not exist for this op.
     """
-    if impl == "auto":
-        impl = os.environ.get("MPPM_EXT_IMPL", "auto") or "auto"
+    impl = resolve(impl)
     if impl != "auto" and impl not in PRIORITY:
         raise ValueError(f"impl must be 'auto' or one of {PRIORITY}, got {impl!r}")
     candidates: Sequence[str] = PRIORITY if impl == "auto" else (impl,)

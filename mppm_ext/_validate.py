@@ -82,6 +82,21 @@ def finite_positions(x: Tensor, rows: Tensor, name: str) -> None:
         raise ValueError(f"{name} holds NaN or inf at batch {b}, position {t}")
 
 
+def finite_parts(log_prob: Tensor, kin: Tensor, real: Tensor) -> None:
+    """Raise for a used position where a kernel found NaN or inf, with the messages of the compiled
+    kernels: ``log_prob`` and ``kin`` are ``[B, T]`` parts (``reference.token_log_prob`` /
+    ``reference.kinetic`` layout) that are non-finite where a used logits row or hidden state is."""
+    steps = real[:, 1:] & real[:, :-1]
+    for part, used, name, what, offset in ((log_prob[:, :-1], steps, "logits", "in the row", 0),
+                                            (kin[:, 1:], steps, "hidden", "in the step into", 1)):
+        bad = used & ~torch.isfinite(part)
+        if bool(bad.any()):
+            b, t = bad.nonzero()[0].tolist()
+            where = f" at batch {b}, position {t + offset}"
+            extra = " (the state there or one position before)" if name == "hidden" else ""
+            raise ValueError(f"{name} holds NaN or inf {what}{where}{extra}")
+
+
 @dataclass(frozen=True)
 class EnergyInputs:
     """The arguments of :func:`mppm_ext.energy`, checked and batched."""

@@ -13,7 +13,7 @@ from torch.utils.dlpack import to_dlpack
 
 from . import _validate as check
 from . import reference
-from ._dispatch import choose, compiled, cpp_reason, cuda_reason
+from ._dispatch import choose, compiled, cpp_reason, cuda_reason, triton_reason
 from .results import STAT_QUANTITIES, TOKEN_QUANTITIES, EnergyResult, to_float32, unpack_energy
 
 _NUM_STAT_COLUMNS = 3 * len(STAT_QUANTITIES) + 1
@@ -113,7 +113,8 @@ def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, attention_mask: Op
         tokens: ``[B, T]`` or ``[T]``; int64 or int32 token ids.
         attention_mask: optional ``[B, T]`` bool or integer; zero marks padding.
         ignore_index: token id that marks a position as not real (as in cross-entropy labels).
-        impl: ``"auto"`` (cuda → triton → cpp → reference), or one backend by name. float64 inputs
+        impl: ``"auto"`` (cuda → triton → cpp → reference), or one backend by name (``"triton"``
+            runs CPU tensors only in Triton's interpreter, for tests; ``"auto"`` skips that). float64 inputs
             run only with ``"reference"``. The environment variable ``MPPM_EXT_IMPL`` overrides
             ``"auto"``.
 
@@ -131,6 +132,7 @@ def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, attention_mask: Op
     hidden, logits, tokens, attention_mask, device = args.hidden, args.logits, args.tokens, args.mask, args.device
     impl = choose("energy", impl, {
         "cuda": lambda: cuda_reason(device),
+        "triton": lambda: triton_reason(device, impl),
         "cpp": lambda: cpp_reason(device),
         "reference": lambda: None,
     })
@@ -145,6 +147,12 @@ def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, attention_mask: Op
         check.finite_rows(hidden[:, :-1], steps, "hidden")
         result = to_float32(reference.energy(hidden, logits, tokens, attention_mask=attention_mask,
                                              ignore_index=ignore_index))
+    elif impl == "triton":
+        from .triton.energy import energy_parts
+
+        log_prob, kin = energy_parts(check.unit_last_stride(hidden), check.unit_last_stride(logits), tokens, real)
+        check.finite_parts(log_prob, kin, real)
+        result = to_float32(reference.energy_from_parts(log_prob, kin))
     else:
         packed = energy_op(check.unit_last_stride(hidden), check.unit_last_stride(logits), tokens, attention_mask,
                            ignore_index)

@@ -5,6 +5,12 @@ import torch
 
 import mppm_ext
 
+# Triton reads TRITON_INTERPRET when a kernel is defined, i.e. at the first import of mppm_ext.triton's
+# kernel modules: set it before any test module can import them, so that without a GPU the Triton
+# kernels run on CPU tensors in the interpreter whatever order the tests are collected in.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def cuda_available() -> bool:
     return torch.cuda.is_available() and mppm_ext.build_info()["cuda"]
