@@ -9,23 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mppm_ext
-from conftest import cuda_available
+from backends_from_hidden import BACKENDS, BACKENDS_ISA, COMPILED, backend_isa  # noqa: F401 (fixture)
 from helpers import assert_from_hidden_matches
 from mppm_ext import streaming
 
-BACKENDS = [
-    pytest.param(("reference", "cpu"), id="reference"),
-    pytest.param(("cpp", "cpu"), id="cpp"),
-    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.skipif(
-        not cuda_available(), reason="needs a CUDA device and a build with nvcc")),
-    pytest.param(("triton", "cpu"), id="triton", marks=pytest.mark.skipif(
-        streaming.triton_reason(torch.device("cpu")) is not None,
-        reason=str(streaming.triton_reason(torch.device("cpu"))))),
-]
-COMPILED = [p for p in BACKENDS if p.id in ("cpp", "cuda")]
-# The cpp backend once per CPU instruction set of its row kernels; the others once.
-BACKENDS_ISA = [p for p in BACKENDS if p.id != "cpp"] + [
-    pytest.param(("cpp", "cpu", isa), id=f"cpp-{isa}") for isa in mppm_ext.cpu_isas()]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -66,16 +53,6 @@ def run_and_check(backend, hidden, weight, tokens, **kwargs):
         kwargs["norm"] = norm.cpu()
     assert_from_hidden_matches(result.map(lambda t: t.cpu()), hidden, weight, tokens, **kwargs)
     return result
-
-
-@pytest.fixture
-def backend_isa(request):
-    """(impl, device) with the CPU instruction set of the param pinned for the test."""
-    impl, device, *isa = request.param
-    default = mppm_ext.build_info()["cpu_isa"]
-    mppm_ext.set_cpu_isa(isa[0] if isa else default)
-    yield impl, device
-    mppm_ext.set_cpu_isa(default)
 
 
 @pytest.mark.parametrize("backend_isa", BACKENDS_ISA, indirect=True)
