@@ -20,7 +20,7 @@ and one float32 vocabulary chunk, bounded by :data:`TILE_ELEMENTS` and :data:`CH
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -114,7 +114,7 @@ class _Stream:
 
 
 def _stream(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Optional[Tensor], moments: bool,
-            fold) -> _Stream:
+            fold: Callable[..., None]) -> _Stream:
     """One pass over ``weight`` in vocabulary chunks (outer) and row blocks (inner), folding every tile
     with ``fold`` (the torch or compiled ``softmax_tile``). Extra memory: ``hidden`` converted to the
     compute dtype and ``wbar`` (O(N*d)), plus one converted vocabulary chunk and one tile (bounded by
@@ -229,8 +229,8 @@ def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Te
     check.float_dtypes(impl == "reference", hidden=hidden, weight=weight, bias=bias)
     check.token_range(targets, torch.ones_like(targets, dtype=torch.bool), weight.shape[0], "targets")
     targets = targets.long()
-    if hidden.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.float64, device=device)
+    if hidden.shape[0] == 0 or not check.has_data(hidden):  # nothing to compute, or shapes only (meta)
+        return torch.zeros(hidden.shape[0], dtype=torch.float64, device=device)
     return _token_log_prob(impl, hidden, weight, bias, targets.contiguous())
 
 
@@ -256,9 +256,9 @@ def softmax_moments(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], *,
     device = check.unembedding_inputs(hidden, weight, bias, "B")
     impl = choose("softmax_moments", impl, _backend_reasons(device))
     check.float_dtypes(impl == "reference", hidden=hidden, weight=weight, bias=bias)
-    if hidden.shape[0] == 0:
-        return (torch.zeros(0, dtype=torch.float64, device=device),
-                torch.zeros(0, hidden.shape[1], dtype=torch.float32, device=device))
+    if hidden.shape[0] == 0 or not check.has_data(hidden):  # nothing to compute, or shapes only (meta)
+        return (torch.zeros(hidden.shape[0], dtype=torch.float64, device=device),
+                torch.zeros(hidden.shape, dtype=torch.float32, device=device))
     return _softmax_moments(impl, hidden, weight, bias)
 
 

@@ -131,6 +131,13 @@ def test_meta_tensors_give_shapes():
     assert r.energy.shape == (B, T) and r.energy.device.type == "meta" and r.stats.count.shape == (B,)
 
 
+def test_streaming_meta_tensors_give_shapes():
+    a = {k: (v.to("meta") if v is not None else v) for k, v in inputs().items()}
+    lp = streaming.token_log_prob_from_hidden(a["hidden"][0], a["weight"], None, a["tokens"][0])
+    lse, wbar = streaming.softmax_moments(a["hidden"][0], a["weight"], None)
+    assert lp.shape == (T,) and lse.shape == (T,) and wbar.shape == (T, d) and wbar.device.type == "meta"
+
+
 def test_broadcast_and_non_contiguous_views():
     """Stride-0 and transposed views are accepted and give the same numbers as contiguous copies."""
     a = inputs()
