@@ -19,8 +19,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 @pytest.fixture
 def small_tiles(monkeypatch):
     """128-column vocabulary chunks and 8-row blocks: V=997 spans 8 chunks and N=152 rows 19 blocks."""
-    monkeypatch.setattr(streaming, "TILE_ELEMENTS", 1024)
-    monkeypatch.setattr(streaming, "MAX_COLS", 128)
+    for device_type in ("cpu", "cuda"):
+        monkeypatch.setitem(streaming.BUDGETS, device_type, streaming.Budget(tile=1024, chunk=1 << 24, max_cols=128))
 
 
 def problem(B, T, d, V, dtype=torch.float32, bias=False, device="cpu", scale=3.0):

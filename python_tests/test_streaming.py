@@ -32,8 +32,8 @@ def _logits(hidden, weight, bias, dtype=torch.float64):
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Tiles of 5 x 3 so that every test crosses many tile boundaries in both directions."""
-    monkeypatch.setattr(streaming, "TILE_ELEMENTS", 15)
-    monkeypatch.setattr(streaming, "MAX_COLS", 3)
+    for device_type in ("cpu", "cuda"):
+        monkeypatch.setitem(streaming.BUDGETS, device_type, streaming.Budget(tile=15, chunk=1 << 24, max_cols=3))
 
 
 @pytest.mark.parametrize("backend_isa", BACKENDS_ISA, indirect=True)
@@ -77,3 +77,12 @@ def test_non_finite_logit_names_its_position(small_tiles, backend, moments):
             streaming.softmax_moments(*_to(device, hidden, weight, b), impl=impl)
         else:
             streaming.token_log_prob_from_hidden(*_to(device, hidden, weight, b, targets), impl=impl)
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+@pytest.mark.parametrize("n,v,d", [(1, 1, 1), (32768, 128256, 2048), (7, 50257, 8192), (10**6, 3, 1)])
+def test_tiling_stays_within_budget(device_type, n, v, d):
+    budget = streaming.BUDGETS[device_type]
+    t = streaming.tiling(n, v, d, device_type)
+    assert 1 <= t.rows <= n and 1 <= t.cols <= v
+    assert t.rows * t.cols <= max(budget.tile, t.cols) and t.cols * d <= max(budget.chunk, d)
