@@ -164,12 +164,20 @@ def _stream(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Opt
     return _Stream(run_max + torch.log(run_sum), picked, wbar)
 
 
+class NonFiniteLogitsError(ValueError):
+    """A logit formed from hidden, weight and bias is NaN or inf; ``row`` and ``column`` locate the first."""
+
+    def __init__(self, row: int, column: int):
+        super().__init__(f"the logits computed from hidden, weight and bias hold NaN or inf at row {row}, "
+                         f"vocabulary entry {column} (NaN or inf in those inputs, or an overflow)")
+        self.row, self.column = row, column
+
+
 def _raise_if_non_finite(bad_col: Tensor) -> None:
     bad = bad_col >= 0
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"the logits computed from hidden, weight and bias hold NaN or inf at row {row}, "
-                         f"vocabulary entry {int(bad_col[row])} (NaN or inf in those inputs, or an overflow)")
+        raise NonFiniteLogitsError(row, int(bad_col[row]))
 
 
 def triton_reason(device: torch.device) -> Optional[str]:
@@ -228,7 +236,7 @@ def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Te
 
     Raises:
         TypeError / ValueError: wrong types, shapes, dtypes, devices or target ids (naming the argument);
-            ValueError naming the row and vocabulary entry when a logit is NaN or inf.
+            NonFiniteLogitsError (a ValueError) naming the row and vocabulary entry when a logit is NaN or inf.
         BackendUnavailableError: ``impl`` cannot run on these tensors.
     """
     device = check.unembedding_inputs(hidden, weight, bias, "N")
@@ -274,4 +282,4 @@ def softmax_moments(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], *,
     return _softmax_moments(impl, hidden, weight, bias)
 
 
-__all__ = ["token_log_prob_from_hidden", "softmax_moments", "tiling", "Tiling", "Budget", "BUDGETS"]
+__all__ = ["token_log_prob_from_hidden", "softmax_moments", "NonFiniteLogitsError", "tiling", "Tiling", "Budget", "BUDGETS"]

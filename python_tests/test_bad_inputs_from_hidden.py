@@ -59,7 +59,7 @@ CASES = [
          hidden=lambda a: at(a["hidden"], (0, 5, 3), float("inf"))),
     case("nan_weight", ValueError, "weight holds NaN or inf", weight=lambda a: at(a["weight"], (49, 7), NAN)),
     case("inf_bias", ValueError, "bias holds NaN or inf", bias=lambda a: at(torch.zeros(V), 3, -float("inf"))),
-    case("overflowing_logits", ValueError, "overflow", weight=lambda a: a["weight"] * 1e37,
+    case("overflowing_logits", ValueError, "logits at batch 0, position 0 overflow float32", weight=lambda a: a["weight"] * 1e37,
          hidden=lambda a: a["hidden"] * 1e3),
     case("meta_and_cpu", ValueError, "all tensors must be on one device", weight=lambda a: a["weight"].to("meta")),
     case("bias_on_meta", ValueError, "all tensors must be on one device", bias=lambda a: torch.zeros(V, device="meta")),
