@@ -109,8 +109,8 @@ class EnergyInputs:
     device: torch.device
 
 
-def _sequence_layout(hidden: Tensor, tokens: Tensor, mask: Optional[Tensor]) -> None:
-    """Shared by energy and energy_from_hidden: batch, length and mask agree; B >= 1, T >= 3."""
+def _mask_layout(tokens: Tensor, mask: Optional[Tensor]) -> None:
+    """attention_mask has the shape of tokens and an integer or bool dtype."""
     if mask is not None and mask.shape != tokens.shape:
         raise ValueError(f"attention_mask must have the shape of tokens {tuple(tokens.shape)}, got {tuple(mask.shape)}")
     if mask is not None and (mask.is_floating_point() or mask.is_complex()):
@@ -118,6 +118,7 @@ def _sequence_layout(hidden: Tensor, tokens: Tensor, mask: Optional[Tensor]) -> 
 
 
 def _sequence_sizes(B: int, T: int) -> None:
+    """B >= 1 sequences of T >= 3 tokens (shared by energy and energy_from_hidden)."""
     if B == 0:
         raise ValueError("the batch is empty (B = 0)")
     if T < 3:
@@ -138,7 +139,7 @@ def energy_inputs(hidden, logits, tokens, attention_mask) -> EnergyInputs:
         raise ValueError(
             f"with hidden of shape {tuple(hidden.shape)} ({layout}), logits must have {hidden.dim()} dimensions "
             f"and tokens {hidden.dim() - 1}; got logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)}")
-    _sequence_layout(hidden, tokens, mask)
+    _mask_layout(tokens, mask)
     if unbatched:
         hidden, logits, tokens = hidden.unsqueeze(0), logits.unsqueeze(0), tokens.unsqueeze(0)
         mask = None if mask is None else mask.unsqueeze(0)
@@ -179,7 +180,7 @@ def energy_from_hidden_inputs(hidden, weight, tokens, bias, norm, kinetic_state,
     if tokens.dim() != hidden.dim() - 1:
         raise ValueError(f"with hidden of shape {tuple(hidden.shape)}, tokens must have {hidden.dim() - 1} "
                          f"dimensions; got {tuple(tokens.shape)}")
-    _sequence_layout(hidden, tokens, mask)
+    _mask_layout(tokens, mask)
     if unbatched:
         hidden, tokens = hidden.unsqueeze(0), tokens.unsqueeze(0)
         mask = None if mask is None else mask.unsqueeze(0)

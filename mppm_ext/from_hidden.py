@@ -123,9 +123,15 @@ def _energy_from_hidden(hidden, weight, tokens, bias, norm, kinetic_state, mask,
     if bool(scored.any()):
         rows = post[:, :-1][scored]  # [N, d]: only the positions that are scored are multiplied
         targets = tokens[:, 1:][scored].long()
-        picked = streaming.token_log_prob_from_hidden(rows, weight, bias, targets, impl=impl)
-        if not bool(torch.isfinite(picked).all()):  # finite inputs whose logits overflowed float32
-            b, t = scored.nonzero()[int((~torch.isfinite(picked)).nonzero()[0, 0])].tolist()
+        # The inputs were checked above, so a non-finite logit is a float32 overflow (or, from the Triton
+        # kernels, which do not raise, a non-finite log-prob); either is reported at its position.
+        try:
+            picked = streaming.token_log_prob_from_hidden(rows, weight, bias, targets, impl=impl)
+            bad_row = None if bool(torch.isfinite(picked).all()) else int((~torch.isfinite(picked)).nonzero()[0, 0])
+        except streaming.NonFiniteLogitsError as exc:
+            bad_row = exc.row
+        if bad_row is not None:
+            b, t = scored.nonzero()[bad_row].tolist()
             raise ValueError(f"the logits at batch {b}, position {t} overflow float32 (hidden or weight too large)")
         log_prob[:, :-1][scored] = picked
     kin = _kinetic(hidden if kinetic_state == "pre" else post, real)

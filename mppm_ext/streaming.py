@@ -14,13 +14,13 @@ Backends (``impl``, picked with :func:`mppm_ext._dispatch.choose`):
     ``"triton"``: :mod:`mppm_ext.triton.linear` (tiles computed with ``tl.dot`` and never stored).
 
 Memory: besides the inputs, ``O(N*d)`` (a float32 copy of ``hidden`` when it is not float32) plus one tile
-and one float32 vocabulary chunk, bounded by :data:`TILE_ELEMENTS` and :data:`CHUNK_ELEMENTS`.
+and one float32 vocabulary chunk, bounded per device type by :data:`BUDGETS`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -28,14 +28,24 @@ from torch import Tensor
 from . import _validate as check
 from ._dispatch import choose, cpp_reason, cuda_reason
 
-#: Elements of one logits tile ``[rows, cols]``: 2^22 float32 = 16 MiB, large enough that each
-#: ``torch.mm`` runs near BLAS peak (a 1024 x 4096 x d product) and small enough to stay in the memory
-#: bound ``O(N*d + tile)``.
-TILE_ELEMENTS = 1 << 22
-#: Elements of one float32 vocabulary chunk ``[cols, d]`` (64 MiB): caps ``cols`` for wide states.
-CHUNK_ELEMENTS = 1 << 24
-#: Upper bound on the vocabulary chunk: 4096 columns keep a tile row within L2 for the epilogue.
-MAX_COLS = 4096
+@dataclass(frozen=True)
+class Budget:
+    """Tile bounds for one device type, in elements."""
+
+    tile: int  # one float32 logits tile [rows, cols]
+    chunk: int  # one converted vocabulary chunk [cols, d]
+    max_cols: int  # vocabulary entries per chunk
+
+
+#: CPU: a 2^22-element tile (16 MiB) keeps each torch.mm near BLAS peak (a 1024 x 4096 x d product) and
+#: 4096 columns keep a tile row in L2 for the epilogue; the chunk is capped at 64 MiB for wide states.
+#: CUDA: every tile costs ~30-50 us of Python and launches (a GEMM, the epilogue op), so tiles must be
+#: large next to that: 2^27 elements (512 MiB, e.g. 8192 x 16384) are 0.7 ms of GEMM at d = 2048 on an
+#: H100 (790 TFLOP/s), keeping the per-tile overhead under ~7%.
+BUDGETS = {
+    "cpu": Budget(tile=1 << 22, chunk=1 << 24, max_cols=4096),
+    "cuda": Budget(tile=1 << 27, chunk=1 << 26, max_cols=16384),
+}
 
 
 @dataclass(frozen=True)
@@ -44,10 +54,12 @@ class Tiling:
     cols: int  # vocabulary entries per tile
 
 
-def tiling(n: int, v: int, d: int) -> Tiling:
-    """Tile sizes for ``n`` rows, vocabulary ``v`` and hidden size ``d`` within the memory bounds above."""
-    cols = max(1, min(v, MAX_COLS, CHUNK_ELEMENTS // max(d, 1)))
-    rows = max(1, min(n, TILE_ELEMENTS // cols))
+def tiling(n: int, v: int, d: int, device_type: str = "cpu") -> Tiling:
+    """Tile sizes for ``n`` rows, vocabulary ``v`` and hidden size ``d`` within the device's
+    :data:`BUDGETS` (extra memory O(tile + chunk) whatever ``n`` and ``v`` are)."""
+    budget = BUDGETS.get(device_type, BUDGETS["cpu"])
+    cols = max(1, min(v, budget.max_cols, budget.chunk // max(d, 1)))
+    rows = max(1, min(n, budget.tile // cols))
     return Tiling(rows, cols)
 
 
@@ -114,15 +126,15 @@ class _Stream:
 
 
 def _stream(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Optional[Tensor], moments: bool,
-            fold) -> _Stream:
+            fold: Callable[..., None]) -> _Stream:
     """One pass over ``weight`` in vocabulary chunks (outer) and row blocks (inner), folding every tile
     with ``fold`` (the torch or compiled ``softmax_tile``). Extra memory: ``hidden`` converted to the
     compute dtype and ``wbar`` (O(N*d)), plus one converted vocabulary chunk and one tile (bounded by
-    CHUNK_ELEMENTS and TILE_ELEMENTS); every state vector is O(N)."""
+    BUDGETS); every state vector is O(N)."""
     dt = _compute_dtype(hidden, weight)
     n, d = hidden.shape
     v = weight.shape[0]
-    tile = tiling(n, v, d)
+    tile = tiling(n, v, d, hidden.device.type)
     device = hidden.device
     tensor_cores = hidden.is_cuda and hidden.dtype == weight.dtype and hidden.dtype in (torch.bfloat16,
                                                                                         torch.float16)
@@ -152,12 +164,20 @@ def _stream(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Opt
     return _Stream(run_max + torch.log(run_sum), picked, wbar)
 
 
+class NonFiniteLogitsError(ValueError):
+    """A logit formed from hidden, weight and bias is NaN or inf; ``row`` and ``column`` locate the first."""
+
+    def __init__(self, row: int, column: int):
+        super().__init__(f"the logits computed from hidden, weight and bias hold NaN or inf at row {row}, "
+                         f"vocabulary entry {column} (NaN or inf in those inputs, or an overflow)")
+        self.row, self.column = row, column
+
+
 def _raise_if_non_finite(bad_col: Tensor) -> None:
     bad = bad_col >= 0
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"the logits computed from hidden, weight and bias hold NaN or inf at row {row}, "
-                         f"vocabulary entry {int(bad_col[row])} (NaN or inf in those inputs, or an overflow)")
+        raise NonFiniteLogitsError(row, int(bad_col[row]))
 
 
 def triton_reason(device: torch.device) -> Optional[str]:
@@ -216,7 +236,7 @@ def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Te
 
     Raises:
         TypeError / ValueError: wrong types, shapes, dtypes, devices or target ids (naming the argument);
-            ValueError naming the row and vocabulary entry when a logit is NaN or inf.
+            NonFiniteLogitsError (a ValueError) naming the row and vocabulary entry when a logit is NaN or inf.
         BackendUnavailableError: ``impl`` cannot run on these tensors.
     """
     device = check.unembedding_inputs(hidden, weight, bias, "N")
@@ -229,8 +249,8 @@ def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Te
     check.float_dtypes(impl == "reference", hidden=hidden, weight=weight, bias=bias)
     check.token_range(targets, torch.ones_like(targets, dtype=torch.bool), weight.shape[0], "targets")
     targets = targets.long()
-    if hidden.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.float64, device=device)
+    if hidden.shape[0] == 0 or not check.has_data(hidden):  # nothing to compute, or shapes only (meta)
+        return torch.zeros(hidden.shape[0], dtype=torch.float64, device=device)
     return _token_log_prob(impl, hidden, weight, bias, targets.contiguous())
 
 
@@ -256,10 +276,10 @@ def softmax_moments(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], *,
     device = check.unembedding_inputs(hidden, weight, bias, "B")
     impl = choose("softmax_moments", impl, _backend_reasons(device))
     check.float_dtypes(impl == "reference", hidden=hidden, weight=weight, bias=bias)
-    if hidden.shape[0] == 0:
-        return (torch.zeros(0, dtype=torch.float64, device=device),
-                torch.zeros(0, hidden.shape[1], dtype=torch.float32, device=device))
+    if hidden.shape[0] == 0 or not check.has_data(hidden):  # nothing to compute, or shapes only (meta)
+        return (torch.zeros(hidden.shape[0], dtype=torch.float64, device=device),
+                torch.zeros(hidden.shape, dtype=torch.float32, device=device))
     return _softmax_moments(impl, hidden, weight, bias)
 
 
-__all__ = ["token_log_prob_from_hidden", "softmax_moments", "tiling", "Tiling"]
+__all__ = ["token_log_prob_from_hidden", "softmax_moments", "NonFiniteLogitsError", "tiling", "Tiling", "Budget", "BUDGETS"]

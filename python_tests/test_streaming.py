@@ -3,15 +3,12 @@
 import pytest
 import torch
 
-from conftest import cuda_available
+from backends_from_hidden import BACKENDS, BACKENDS_ISA, backend_isa  # noqa: F401 (fixture)
+from helpers import assert_close
 from mppm_ext import streaming
 
-BACKENDS = [
-    pytest.param(("reference", "cpu"), id="reference"),
-    pytest.param(("cpp", "cpu"), id="cpp"),
-    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.skipif(
-        not cuda_available(), reason="needs a CUDA device and a build with nvcc")),
-]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
 
 
 def _problem(n, v, d, dtype=torch.float32, bias=True, seed=0):
@@ -27,40 +24,45 @@ def _to(device, *tensors):
     return [None if t is None else t.to(device) for t in tensors]
 
 
-def _truth_logits(hidden, weight, bias):
-    z = hidden.double() @ weight.double().T
-    return z if bias is None else z + bias.double()
+def _logits(hidden, weight, bias, dtype=torch.float64):
+    z = hidden.to(dtype) @ weight.to(dtype).T
+    return z if bias is None else z + bias.to(dtype)
 
 
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Tiles of 5 x 3 so that every test crosses many tile boundaries in both directions."""
-    monkeypatch.setattr(streaming, "TILE_ELEMENTS", 15)
-    monkeypatch.setattr(streaming, "MAX_COLS", 3)
+    for device_type in ("cpu", "cuda"):
+        monkeypatch.setitem(streaming.BUDGETS, device_type, streaming.Budget(tile=15, chunk=1 << 24, max_cols=3))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("n,v,d", [(1, 1, 1), (7, 17, 5), (13, 31, 9), (5, 70, 33)])
+@pytest.mark.parametrize("backend_isa", BACKENDS_ISA, indirect=True)
+@pytest.mark.parametrize("n,v,d", [(1, 1, 1), (7, 17, 5), (13, 31, 9), (5, 70, 33), (3, 997, 2)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_token_log_prob_matches_log_softmax(small_tiles, cpu_isa, backend, n, v, d, bias):
-    impl, device = backend
-    hidden, weight, b, targets = _problem(n, v, d, bias=bias)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_token_log_prob_matches_log_softmax(small_tiles, backend_isa, n, v, d, bias, dtype):
+    impl, device = backend_isa
+    hidden, weight, b, targets = _problem(n, v, d, bias=bias, dtype=dtype)
     ours = streaming.token_log_prob_from_hidden(*_to(device, hidden, weight, b, targets), impl=impl).cpu()
-    truth = torch.log_softmax(_truth_logits(hidden, weight, b), -1).gather(1, targets[:, None]).squeeze(1)
+    truth, ref = (torch.log_softmax(_logits(hidden, weight, b, dt), -1).gather(1, targets[:, None]).squeeze(1)
+                  for dt in (torch.float64, torch.float32))
     assert ours.dtype == torch.float64 and ours.shape == (n,)
-    torch.testing.assert_close(ours, truth, atol=2e-6, rtol=1e-6)
+    assert_close(ours, ref, truth, "log_prob")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("n,v,d", [(1, 1, 1), (7, 17, 5), (13, 31, 9), (5, 70, 33)])
-def test_softmax_moments_match_dense(small_tiles, cpu_isa, backend, n, v, d):
-    impl, device = backend
-    hidden, weight, b, _ = _problem(n, v, d)
+@pytest.mark.parametrize("backend_isa", BACKENDS_ISA, indirect=True)
+@pytest.mark.parametrize("n,v,d", [(1, 1, 1), (7, 17, 5), (13, 31, 9), (5, 70, 33), (3, 997, 2)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_softmax_moments_match_dense(small_tiles, backend_isa, n, v, d, dtype):
+    impl, device = backend_isa
+    hidden, weight, b, _ = _problem(n, v, d, dtype=dtype)
     lse, wbar = (t.cpu() for t in streaming.softmax_moments(*_to(device, hidden, weight, b), impl=impl))
-    z = _truth_logits(hidden, weight, b)
     assert lse.dtype == torch.float64 and wbar.dtype == torch.float32 and wbar.shape == (n, d)
-    torch.testing.assert_close(lse, torch.logsumexp(z, -1), atol=2e-6, rtol=1e-6)
-    torch.testing.assert_close(wbar.double(), torch.softmax(z, -1) @ weight.double(), atol=2e-6, rtol=1e-5)
+    (lse_truth, wbar_truth), (lse_ref, wbar_ref) = (
+        (torch.logsumexp(z, -1), torch.softmax(z, -1) @ weight.to(dt))
+        for dt in (torch.float64, torch.float32) for z in [_logits(hidden, weight, b, dt)])
+    assert_close(lse, lse_ref, lse_truth, "lse")
+    assert_close(wbar, wbar_ref, wbar_truth, "wbar")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -75,3 +77,12 @@ def test_non_finite_logit_names_its_position(small_tiles, backend, moments):
             streaming.softmax_moments(*_to(device, hidden, weight, b), impl=impl)
         else:
             streaming.token_log_prob_from_hidden(*_to(device, hidden, weight, b, targets), impl=impl)
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+@pytest.mark.parametrize("n,v,d", [(1, 1, 1), (32768, 128256, 2048), (7, 50257, 8192), (10**6, 3, 1)])
+def test_tiling_stays_within_budget(device_type, n, v, d):
+    budget = streaming.BUDGETS[device_type]
+    t = streaming.tiling(n, v, d, device_type)
+    assert 1 <= t.rows <= n and 1 <= t.cols <= v
+    assert t.rows * t.cols <= max(budget.tile, t.cols) and t.cols * d <= max(budget.chunk, d)

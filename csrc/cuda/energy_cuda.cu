@@ -3,6 +3,10 @@
 //   energy_rows_kernel     one block per position (b, t): reads the logits row once (online logsumexp
 //                          + the target logit) and the two hidden rows of the step into t, writes the
 //                          per-token planes and out_defined, and reports the first faulty row.
+//   row_partials_kernel    only when B*T is small next to the GPU (a few long rows would leave most SMs
+//                          idle): S blocks per row, each reducing one fixed slice of the logits row to a
+//                          partial (max, sum of exp, non-finite flag); energy_rows_kernel then combines
+//                          the S partials of its row in slice order instead of reading the row.
 //   sequence_stats_kernel  one block per sequence: the two-pass statistics of energy_math.h over the
 //                          per-token values the first kernel wrote.
 //
@@ -218,13 +222,78 @@ struct RowScratch {
 };
 
 // ---------------------------------------------------------------------------------------------------
+// Split rows (stage 1): the partial of one slice of a logits row
+
+struct RowPartial {
+  float m;       // max over the slice (-inf for an empty slice or a row without a log-prob)
+  float poison;  // nonzero when the slice holds an inf or NaN
+  double s;      // sum of exp(x - m) over the slice
+};
+
+// Slices are multiples of 64 elements, so every slice of an aligned row starts on a 16-byte boundary.
+constexpr int64_t kSliceAlign = 64;
+// A slice shorter than this is not worth a block: its reduction tail would cost more than its reads.
+constexpr int64_t kMinSlice = 4096;
+
+__device__ __forceinline__ bool row_has_log_prob(const EnergyParams& p, int64_t b, int64_t t, int64_t* target) {
+  const int64_t token = load_token(p, b, t);
+  if (!is_real(p, b, t, token) || !in_vocab(token, p.V) || t + 1 >= p.T) return false;
+  *target = load_token(p, b, t + 1);
+  return is_real(p, b, t + 1, *target) && in_vocab(*target, p.V);
+}
+
+// Block (row, k) of a grid of n_rows * splits blocks reduces slice k of the row: elements
+// [k * slice, min(V, (k + 1) * slice)). The same per-thread online logsumexp and warp trees as a whole
+// row, so the partials, and the combine in energy_rows_kernel, are reproducible.
+template <typename LT>
+__global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM)
+    row_partials_kernel(const EnergyParams p, int splits, int64_t slice, RowPartial* partials) {
+  __shared__ float warp_max_s[kRowWarps];
+  __shared__ double warp_sum_s[kRowWarps];
+  const int64_t n_rows = p.B * p.T;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int64_t block = blockIdx.x; block < n_rows * splits; block += gridDim.x) {
+    const int64_t row = block / splits, k = block % splits;
+    const int64_t b = row / p.T, t = row % p.T;
+    const int64_t start = k * slice;
+    const int64_t len = start < p.V ? (p.V - start < slice ? p.V - start : slice) : 0;
+    int64_t target = 0;
+    OnlineLse a{-INFINITY, 0.0f, 0.0f};
+    if (len > 0 && row_has_log_prob(p, b, t, &target)) {
+      const LT* logits = static_cast<const LT*>(p.logits) + (b * p.logits_sb + t * p.logits_st);
+      a = logsumexp_part(logits + start, len);
+    }
+    const float m_warp = warp_max(a.m);
+    if (lane == 0) warp_max_s[warp] = m_warp;
+    const bool poisoned = __syncthreads_or(a.poison != 0.0f);
+    float m = warp_max_s[0];
+#pragma unroll
+    for (int w = 1; w < kRowWarps; ++w) m = fmaxf(m, warp_max_s[w]);
+    const double part = a.m == -INFINITY ? 0.0 : double(a.s) * exp(double(a.m) - double(m));
+    const double sum_warp = warp_sum(part);
+    if (lane == 0) warp_sum_s[warp] = sum_warp;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double sum = 0.0;
+#pragma unroll
+      for (int w = 0; w < kRowWarps; ++w) sum += warp_sum_s[w];
+      partials[block] = RowPartial{m, poisoned ? 1.0f : 0.0f, sum};
+    }
+    __syncthreads();  // the shared arrays are reused by the next block-row
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Kernel 1: one block per position
 
 // process_position of energy_cpu.cpp for one row, by the whole block. The returned fault is meaningful
 // in thread 0 (the other threads may not know about NonFiniteHidden). Outputs are written only when the
 // row has no fault, as on the CPU.
+// With `partials` (split rows), the row's logits are not read here: thread k < splits takes the partial
+// of slice k as its online-logsumexp state, and the combine below is the one a whole row gets.
 template <typename LT, typename HT>
-__device__ __forceinline__ EnergyFault process_row(const EnergyParams& p, int64_t row, RowScratch& scratch) {
+__device__ __forceinline__ EnergyFault process_row(const EnergyParams& p, int64_t row, RowScratch& scratch,
+                                                   const RowPartial* partials, int splits) {
   const int64_t b = row / p.T;
   const int64_t t = row % p.T;
   const int tid = threadIdx.x;
@@ -245,11 +314,19 @@ __device__ __forceinline__ EnergyFault process_row(const EnergyParams& p, int64_
   const bool has_k = real && t > 0 && is_real(p, b, t - 1, load_token(p, b, t - 1));
 
   OnlineLse lse{-INFINITY, 0.0f, 0.0f};
+  double lse_s = 0.0;  // the thread's sum of exp(x - lse.m), in double so that partials keep theirs
   float target_logit = 0.0f;
   if (has_lp) {
     const LT* logits = static_cast<const LT*>(p.logits) + (b * p.logits_sb + t * p.logits_st);
     if (tid == 0) target_logit = to_float(logits[target]);
-    lse = logsumexp_part(logits, p.V);
+    if (partials == nullptr) {
+      lse = logsumexp_part(logits, p.V);
+      lse_s = double(lse.s);
+    } else if (tid < splits) {
+      const RowPartial q = partials[row * splits + tid];
+      lse = OnlineLse{q.m, 0.0f, q.poison};
+      lse_s = q.s;
+    }
   }
   double sq_part = 0.0;
   if (has_k) {
@@ -270,7 +347,7 @@ __device__ __forceinline__ EnergyFault process_row(const EnergyParams& p, int64_
     // The threads' sums are rescaled to the row max and combined in double, so the combine adds no
     // error to that of the per-thread fp32 sums. Threads that read nothing have m = -inf and s = 0,
     // giving 0.
-    lse_part = double(lse.s) * exp(double(lse.m) - double(row_max));
+    lse_part = lse.m == -INFINITY ? 0.0 : lse_s * exp(double(lse.m) - double(row_max));
   }
   double lse_sum = 0.0, sq_sum = 0.0;
   if (has_lp || has_k) {
@@ -301,11 +378,11 @@ __device__ __forceinline__ EnergyFault process_row(const EnergyParams& p, int64_
 
 template <typename LT, typename HT>
 __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM)
-    energy_rows_kernel(const EnergyParams p, unsigned long long* fault) {
+    energy_rows_kernel(const EnergyParams p, unsigned long long* fault, const RowPartial* partials, int splits) {
   __shared__ RowScratch scratch;
   const int64_t n_rows = p.B * p.T;
   for (int64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
-    const EnergyFault f = process_row<LT, HT>(p, row, scratch);
+    const EnergyFault f = process_row<LT, HT>(p, row, scratch, partials, splits);
     if (threadIdx.x == 0 && f != EnergyFault::None)
       atomicMin(fault, (static_cast<unsigned long long>(row) << 2) | static_cast<unsigned long long>(f));
     // The next row reuses the scratch, which thread 0 may still be reading.
@@ -396,6 +473,52 @@ class FaultWord {
   unsigned long long* ptr_ = nullptr;
 };
 
+// The partials of split rows, stream-ordered like FaultWord.
+class PartialBuffer {
+ public:
+  PartialBuffer(int64_t count, cudaStream_t stream) : stream_(stream) {
+    if (count > 0) check(cudaMallocAsync(&ptr_, count * sizeof(RowPartial), stream_), "cudaMallocAsync (partials)");
+  }
+  ~PartialBuffer() {
+    if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);
+  }
+  PartialBuffer(const PartialBuffer&) = delete;
+  PartialBuffer& operator=(const PartialBuffer&) = delete;
+  RowPartial* get() const { return ptr_; }
+
+ private:
+  cudaStream_t stream_;
+  RowPartial* ptr_ = nullptr;
+};
+
+// How many slices each row is cut into: 1 (no split) unless the rows cannot fill the GPU with
+// kRowBlocksPerSM blocks per SM, then enough to fill it, with slices of at least kMinSlice elements and
+// at most kRowThreads of them (one per combining thread). E.g. 8 rows of V = 128256 on a 132-SM H100:
+// 528 block slots / 8 rows = 66 slices of 1984 -> capped by kMinSlice at 31 slices of 4160 elements.
+// The split depends only on the shapes and the device, never on timing, so results are reproducible
+// on a given GPU model.
+struct Split {
+  int splits = 1;
+  int64_t slice = 0;
+};
+
+Split choose_split(int64_t n_rows, int64_t V, int device) {
+  int sms = 0;
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  const int64_t slots = int64_t(sms) * kRowBlocksPerSM;
+  Split split;
+  if (n_rows * 2 > slots) return split;  // enough rows: one block per row already fills the GPU
+  int64_t want = (slots + n_rows - 1) / n_rows;
+  want = std::min<int64_t>(want, std::max<int64_t>(1, V / kMinSlice));
+  want = std::min<int64_t>(want, kRowThreads);
+  if (want <= 1) return split;
+  int64_t slice = (V + want - 1) / want;
+  slice = (slice + kSliceAlign - 1) / kSliceAlign * kSliceAlign;
+  split.slice = slice;
+  split.splits = int((V + slice - 1) / slice);
+  return split;
+}
+
 template <typename T>
 struct TypeTag {
   using type = T;
@@ -437,11 +560,19 @@ EnergyStatus energy_cuda(const EnergyParams& p) {
   if (n_rows > 0) {
     FaultWord fault(stream);
     check(cudaMemsetAsync(fault.get(), 0xff, sizeof(unsigned long long), stream), "cudaMemsetAsync");
+    const Split split = choose_split(n_rows, p.V, p.device_index);
+    PartialBuffer partials(split.splits > 1 ? n_rows * split.splits : 0, stream);
     with_float_type(p.logits_dtype, [&](auto logits_tag) {
+      using LT = typename decltype(logits_tag)::type;
+      if (split.splits > 1) {
+        row_partials_kernel<LT><<<grid_for(n_rows * split.splits), kRowThreads, 0, stream>>>(
+            p, split.splits, split.slice, partials.get());
+        check(cudaGetLastError(), "row_partials_kernel launch");
+      }
       with_float_type(p.hidden_dtype, [&](auto hidden_tag) {
-        using LT = typename decltype(logits_tag)::type;
         using HT = typename decltype(hidden_tag)::type;
-        energy_rows_kernel<LT, HT><<<grid_for(n_rows), kRowThreads, 0, stream>>>(p, fault.get());
+        energy_rows_kernel<LT, HT><<<grid_for(n_rows), kRowThreads, 0, stream>>>(p, fault.get(), partials.get(),
+                                                                                  split.splits);
       });
     });
     check(cudaGetLastError(), "energy_rows_kernel launch");
