@@ -58,12 +58,25 @@ def triton_reason(device: torch.device, requested: str) -> Optional[str]:
     """Why the Triton kernels cannot run on ``device`` for a call that asked for ``requested``
     (``"auto"`` or a backend name). On CPU tensors Triton runs only in its interpreter, which is for
     tests (thousands of times slower than cpp): ``"auto"`` passes it over, ``impl="triton"`` gets it."""
-    from .triton import unavailable_reason
-
+    try:
+        from .triton import unavailable_reason
+    except ImportError as exc:
+        return f"mppm_ext.triton is not part of this installation ({exc})"
     why = unavailable_reason(device)
     if why is None and device.type == "cpu" and resolve(requested) != "triton":
         return "on CPU tensors Triton runs only in its interpreter, which impl='auto' passes over (ask for impl='triton')"
     return why
+
+
+def backend_reasons(device: torch.device, impl: str) -> dict[str, Callable[[], Optional[str]]]:
+    """The reasons table for :func:`choose` of an op that has every backend, for tensors on ``device``
+    and a call that asked for ``impl``."""
+    return {
+        "cuda": lambda: cuda_reason(device),
+        "triton": lambda: triton_reason(device, impl),
+        "cpp": lambda: cpp_reason(device),
+        "reference": lambda: None,
+    }
 
 
 def resolve(impl: str) -> str:

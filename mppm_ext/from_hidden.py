@@ -11,7 +11,7 @@ from torch import Tensor
 
 from . import _validate as check
 from . import reference, streaming
-from ._dispatch import choose, cpp_reason, cuda_reason
+from ._dispatch import backend_reasons, choose
 from .results import EnergyResult, to_float32
 
 #: Elements of one float64 block of state differences in the kinetic pass (16 MiB): the states are
@@ -86,12 +86,7 @@ def energy_from_hidden(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: 
     """
     args = check.energy_from_hidden_inputs(hidden, weight, tokens, bias, norm, kinetic_state, attention_mask)
     hidden, tokens, device = args.hidden, args.tokens, args.device
-    impl = choose("energy_from_hidden", impl, {
-        "cuda": lambda: cuda_reason(device),
-        "triton": lambda: streaming.triton_reason(device),
-        "cpp": lambda: cpp_reason(device),
-        "reference": lambda: None,
-    })
+    impl = choose("energy_from_hidden", impl, backend_reasons(device, impl))
     check.float_dtypes(impl == "reference", hidden=hidden, weight=weight, bias=bias)
     B, T, _ = hidden.shape
     if not check.has_data(hidden):  # meta tensors: shapes only

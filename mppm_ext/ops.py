@@ -13,7 +13,7 @@ from torch.utils.dlpack import to_dlpack
 
 from . import _validate as check
 from . import reference
-from ._dispatch import choose, compiled, cpp_reason, cuda_reason, triton_reason
+from ._dispatch import backend_reasons, choose, compiled
 from .results import STAT_QUANTITIES, TOKEN_QUANTITIES, EnergyResult, to_float32, unpack_energy
 
 _NUM_STAT_COLUMNS = 3 * len(STAT_QUANTITIES) + 1
@@ -130,12 +130,7 @@ def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, attention_mask: Op
     """
     args = check.energy_inputs(hidden, logits, tokens, attention_mask)
     hidden, logits, tokens, attention_mask, device = args.hidden, args.logits, args.tokens, args.mask, args.device
-    impl = choose("energy", impl, {
-        "cuda": lambda: cuda_reason(device),
-        "triton": lambda: triton_reason(device, impl),
-        "cpp": lambda: cpp_reason(device),
-        "reference": lambda: None,
-    })
+    impl = choose("energy", impl, backend_reasons(device, impl))
     check.float_dtype(hidden, "hidden", allow_float64=impl == "reference")
     check.float_dtype(logits, "logits", allow_float64=impl == "reference")
     real = reference.real_tokens(tokens, attention_mask, ignore_index)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as check
-from ._dispatch import choose, cpp_reason, cuda_reason
+from ._dispatch import backend_reasons, choose
 
 @dataclass(frozen=True)
 class Budget:
@@ -180,30 +180,23 @@ def _raise_if_non_finite(bad_col: Tensor) -> None:
         raise NonFiniteLogitsError(row, int(bad_col[row]))
 
 
-def triton_reason(device: torch.device) -> Optional[str]:
-    """Why the Triton kernels cannot run on ``device`` (None when they can), also when the
-    mppm_ext.triton package is missing from this installation."""
-    try:
-        from . import triton as triton_kernels
-    except ImportError as exc:
-        return f"mppm_ext.triton is not part of this installation ({exc})"
-    return triton_kernels.unavailable_reason(device)
-
-
-def _backend_reasons(device: torch.device) -> dict:
-    return {
-        "cuda": lambda: cuda_reason(device),
-        "triton": lambda: triton_reason(device),
-        "cpp": lambda: cpp_reason(device),
-        "reference": lambda: None,
-    }
+def _raise_for_non_finite_rows(per_row: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """The Triton kernels only leave a non-finite per-row result behind; on that (error) path the first
+    such row's logits are recomputed, one row, to name the vocabulary entry as the other backends do."""
+    bad = ~torch.isfinite(per_row)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        z = weight.float() @ hidden[row].float() + (0 if bias is None else bias.float())
+        raise NonFiniteLogitsError(row, int((~torch.isfinite(z)).nonzero()[0, 0]))
 
 
 def _token_log_prob(impl: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
     if impl == "triton":
         from .triton import linear
 
-        return linear.token_log_prob_from_hidden(hidden, weight, bias, targets)
+        log_prob = linear.token_log_prob_from_hidden(hidden, weight, bias, targets)
+        _raise_for_non_finite_rows(log_prob, hidden, weight, bias)
+        return log_prob
     s = _stream(hidden, weight, bias, targets, moments=False, fold=_fold_torch if impl == "reference" else _fold_compiled)
     return s.picked - s.lse
 
@@ -212,7 +205,9 @@ def _softmax_moments(impl: str, hidden: Tensor, weight: Tensor, bias: Optional[T
     if impl == "triton":
         from .triton import linear
 
-        return linear.softmax_moments(hidden, weight, bias)
+        lse, wbar = linear.softmax_moments(hidden, weight, bias)
+        _raise_for_non_finite_rows(lse, hidden, weight, bias)
+        return lse, wbar
     s = _stream(hidden, weight, bias, None, moments=True, fold=_fold_torch if impl == "reference" else _fold_compiled)
     return s.lse, s.wbar.float()
 
@@ -245,7 +240,7 @@ def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Te
         raise ValueError(f"targets must be [N] = [{hidden.shape[0]}], got shape {tuple(targets.shape)}")
     check.same_device({"hidden": hidden, "targets": targets})
     check.index_dtype(targets, "targets")
-    impl = choose("token_log_prob_from_hidden", impl, _backend_reasons(device))
+    impl = choose("token_log_prob_from_hidden", impl, backend_reasons(device, impl))
     check.float_dtypes(impl == "reference", hidden=hidden, weight=weight, bias=bias)
     check.token_range(targets, torch.ones_like(targets, dtype=torch.bool), weight.shape[0], "targets")
     targets = targets.long()
@@ -274,7 +269,7 @@ def softmax_moments(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], *,
         as :func:`token_log_prob_from_hidden`.
     """
     device = check.unembedding_inputs(hidden, weight, bias, "B")
-    impl = choose("softmax_moments", impl, _backend_reasons(device))
+    impl = choose("softmax_moments", impl, backend_reasons(device, impl))
     check.float_dtypes(impl == "reference", hidden=hidden, weight=weight, bias=bias)
     if hidden.shape[0] == 0 or not check.has_data(hidden):  # nothing to compute, or shapes only (meta)
         return (torch.zeros(hidden.shape[0], dtype=torch.float64, device=device),

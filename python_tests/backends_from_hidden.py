@@ -6,7 +6,7 @@ import torch
 
 import mppm_ext
 from conftest import cuda_available
-from mppm_ext import streaming
+from mppm_ext._dispatch import triton_reason
 
 BACKENDS = [
     pytest.param(("reference", "cpu"), id="reference"),
@@ -14,8 +14,8 @@ BACKENDS = [
     pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.skipif(
         not cuda_available(), reason="needs a CUDA device and a build with nvcc")),
     pytest.param(("triton", "cpu"), id="triton", marks=pytest.mark.skipif(
-        streaming.triton_reason(torch.device("cpu")) is not None,
-        reason=str(streaming.triton_reason(torch.device("cpu"))))),
+        triton_reason(torch.device("cpu"), "triton") is not None,
+        reason=str(triton_reason(torch.device("cpu"), "triton")))),
 ]
 COMPILED = [p for p in BACKENDS if p.id in ("cpp", "cuda")]
 BACKENDS_ISA = [p for p in BACKENDS if p.id != "cpp"] + [

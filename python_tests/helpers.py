@@ -63,10 +63,13 @@ def from_hidden_reference_pair(hidden, weight, tokens, *, bias=None, norm=None, 
     Two float32 GEMMs of the same operands round each logit differently (BLAS picks its kernel by shape),
     by up to about an ulp, and with few positions one GEMM can be lucky exactly where a quantity's error
     peaks (s = 15 makes half an ulp of s a 5e-7 relative error of PPL = exp(s)). So the float32
-    reference is run with the logits from three GEMM layouts (batched, one [B*T, d] addmm, and one
-    vector product per position, as the small row blocks of the tiles are) and, element by element, the
-    one furthest from the truth sets the bound."""
-    def run(dtype, layout="batched"):
+    reference is run with the logits from four GEMMs (batched, one [B*T, d] addmm, one vector product
+    per position, as the small row blocks of the tiles are, and numpy's, which the Triton interpreter's
+    tl.dot calls) and, element by element, the one furthest from the truth sets the bound. One more
+    run finishes the float32 logits in float64: a float32 log_softmax rounds z - max once more, which
+    can cancel the logits' own error by luck, while backends that subtract in float64 (as all of ours
+    do) keep exactly the logits' error."""
+    def run(dtype, layout="batched", finish=None):
         n = None if norm is None else copy.deepcopy(norm).to(dtype)
         h, w = hidden.to(dtype), weight.to(dtype)
         b = torch.zeros(w.shape[0], dtype=dtype) if bias is None else bias.to(dtype)
@@ -75,14 +78,20 @@ def from_hidden_reference_pair(hidden, weight, tokens, *, bias=None, norm=None, 
             logits = post @ w.T + b
         elif layout == "flat":
             logits = torch.addmm(b, post.reshape(-1, post.shape[-1]), w.T).reshape(*post.shape[:-1], -1)
-        else:
+        elif layout == "rows":
             rows = [torch.addmm(b, r.unsqueeze(0), w.T) for r in post.reshape(-1, post.shape[-1])]
             logits = torch.cat(rows).reshape(*post.shape[:-1], -1)
-        return reference.energy(h if kinetic_state == "pre" else post, logits, tokens, **kwargs)
+        else:  # numpy's BLAS: the GEMM the Triton interpreter's tl.dot runs
+            logits = torch.from_numpy(post.numpy() @ w.numpy().T) + b
+        state = h if kinetic_state == "pre" else post
+        if finish is not None:
+            state, logits = state.to(finish), logits.to(finish)
+        return reference.energy(state, logits, tokens, **kwargs)
 
     with torch.no_grad():
         truth = run(torch.float64)
-        refs = [run(torch.float32, layout) for layout in ("batched", "flat", "rows")]
+        refs = [run(torch.float32, layout) for layout in ("batched", "flat", "rows", "numpy")]
+        refs.append(run(torch.float32, "batched", finish=torch.float64))
     return truth, _envelope(truth, refs)
 
 

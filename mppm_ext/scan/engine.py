@@ -19,7 +19,7 @@ from ._optional import progress
 from .passes import BASE, MID, SHUFFLED, ModelHandle, StatePlan, batch_parts, capture_states, layer_variant, resolve_layer
 from .stats import PAIRINGS, summarize
 from .token_mean import TokenMeanAccumulator
-from .windows import HOLDOUT_EVERY, Batch, Window, batches, shard, shuffled, split_windows
+from .windows import HOLDOUT_EVERY, Window, batches, shard, shuffled, split_windows
 
 #: Control flags (the "other layers" control is ``layers``).
 CONTROLS = ("random-twin", "token-mean", "shuffle", "pre-norm")

@@ -6,8 +6,8 @@ products G v and G^T u then cost O(m d) and never touch the unembedding W, so an
 2 m d multiply-adds whatever V is.
 
 Backends: "reference" (torch, float64, any device), "cpp" / "cuda" (mppm_ext._C, float32 rows with
-float64 accumulation; see csrc/include/mppm/cg.h) and "triton" when the triton branch provides
-``mppm_ext.triton.cg.cg_solve``. All return the same :class:`CGResult`.
+float64 accumulation; see csrc/include/mppm/cg.h) and "triton" (``mppm_ext.triton.cg``, the Gram
+matrix formed once, iterations in float64). All return the same :class:`CGResult`.
 """
 
 from __future__ import annotations
@@ -147,14 +147,26 @@ def cg_compiled(rows: Tensor, center: Optional[Tensor], rhs: Tensor, lam: float,
 
 
 def triton_cg():
-    """``mppm_ext.triton.cg.cg_solve`` when the triton branch provides it, else None. Expected contract:
-    ``cg_solve(rows, center, rhs, lam, tol, max_iter) -> (u [B, m], iters [B], residual [B], converged [B])``
-    with the meaning of :class:`CGResult`."""
+    """``mppm_ext.triton.cg.cg_solve`` (``(G, rhs, lam, tol, max_iter) -> (u, iters, rel_residual)``, G
+    formed as rows - center, m <= its MAX_TARGETS) when this installation has Triton, else None."""
     try:
-        from ..triton.cg import cg_solve
+        from ..triton import cg
     except ImportError:
         return None
-    return cg_solve
+    return cg
+
+
+def cg_triton(rows: Tensor, center: Optional[Tensor], rhs: Tensor, lam: float, tol: float,
+              max_iter: int) -> CGResult:
+    """The Triton kernel: it forms the m x m Gram matrix once, so it takes G explicitly (one [B, m, d]
+    tensor, the size of ``rows``); systems wider than its register tile go to the torch CG."""
+    kernels = triton_cg()
+    if kernels is None or rows.shape[1] > kernels.MAX_TARGETS:
+        return cg_torch(rows, center, rhs, lam, tol, max_iter)
+    g = rows.float() if center is None else rows.float() - center.float().unsqueeze(1)
+    u, iters, residual = kernels.cg_solve(g, rhs, lam, tol, max_iter)
+    residual = residual.double()
+    return CGResult(u.double(), iters.long(), residual, residual <= tol)
 
 
 def solve(rows: Tensor, center: Optional[Tensor], rhs: Tensor, *, lam: float, tol: float, max_iter: int,
@@ -165,8 +177,5 @@ def solve(rows: Tensor, center: Optional[Tensor], rhs: Tensor, *, lam: float, to
     if backend in ("cpp", "cuda"):
         return cg_compiled(rows, center, rhs, lam, tol, max_iter)
     if backend == "triton":
-        fn = triton_cg()
-        if fn is not None:
-            u, iters, residual, converged = fn(rows, center, rhs, lam, tol, max_iter)
-            return CGResult(u.double(), iters.long(), residual.double(), converged.bool())
+        return cg_triton(rows, center, rhs, lam, tol, max_iter)
     return cg_torch(rows, center, rhs, lam, tol, max_iter)

@@ -21,9 +21,8 @@ from torch import Tensor
 
 from .. import _validate as check
 from ..streaming import softmax_moments
-from .._dispatch import choose, cpp_reason, cuda_reason
+from .._dispatch import backend_reasons, choose
 from . import _checks
-from .cg import triton_cg
 from .gauss_newton import GaussNewtonOptions, Linearization, SteerResult, gauss_newton
 
 
@@ -75,12 +74,6 @@ class FinalStateProblem:
         return pulled[:, :-1], pulled[:, -1]
 
 
-def _cg_backend(impl: str) -> str:
-    if impl == "triton" and triton_cg() is None:
-        return "reference"
-    return impl
-
-
 def steer_step(hidden: Tensor, weight: Tensor, targets: Tensor, delta: Tensor, *, bias: Optional[Tensor] = None,
                norm=None, lam: float = 0.0, tol: float = 1e-4, max_iter: Optional[int] = None,
                newton_steps: int = 5, impl: str = "auto", gain_tol: float = 1e-3,
@@ -122,26 +115,14 @@ def steer_step(hidden: Tensor, weight: Tensor, targets: Tensor, delta: Tensor, *
     args = _checks.steer_inputs(hidden, weight, targets, delta, bias, lam, tol, max_iter, newton_steps,
                                 gain_tol, max_step)
     device = args.device
-    impl = choose("steer_step", impl, {
-        "cuda": lambda: cuda_reason(device),
-        "triton": lambda: _triton_reason(device),
-        "cpp": lambda: cpp_reason(device),
-        "reference": lambda: None,
-    })
+    impl = choose("steer_step", impl, backend_reasons(device, impl))
     for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
         if t is not None:
             check.float_dtype(t, name, allow_float64=impl == "reference")
     problem = FinalStateProblem(hidden, weight, bias, targets.long(), norm, impl)
     options = GaussNewtonOptions(lam=float(lam), tol=float(tol), max_iter=args.max_iter,
                                  newton_steps=int(newton_steps), gain_tol=float(gain_tol), max_step=float(max_step),
-                                 cg_backend=_cg_backend(impl))
+                                 cg_backend=impl)
     with torch.no_grad():  # no graph to the norm's parameters; torch.func's vjp still differentiates
         return gauss_newton(problem, problem.hidden, targets.long(), delta.double(), options)
 
-
-def _triton_reason(device: torch.device) -> Optional[str]:
-    try:
-        from ..triton import unavailable_reason
-    except ImportError:
-        return "the triton kernels are not part of this build"
-    return unavailable_reason(device)

@@ -85,8 +85,11 @@ def _softmax_fold(z, m, s):
     pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m - pivot)
     p = tl.exp(z - pivot[:, None])
-    # The running sum is fp64: ~400 tiles of V = 50257 would otherwise add ~400 fp32 roundings.
-    s = s * alpha.to(tl.float64) + tl.sum(p, 1).to(tl.float64)
+    # The sums are fp64, within a tile too: a row whose other logits are 27 below its max adds
+    # exp(-27) ~ 2e-12 to 1, which fp32 drops (log p would read exactly 0); per tile that is R*C fp64
+    # adds against R*C*d multiply-adds of the tile's GEMM. Across ~400 tiles of V = 50257 fp64 also
+    # keeps ~400 roundings out.
+    s = s * alpha.to(tl.float64) + tl.sum(p.to(tl.float64), 1)
     return m_new, s, alpha, p
 
 
