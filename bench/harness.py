@@ -223,7 +223,7 @@ class Report:
         return json_path, csv_path
 
     def table(self) -> str:
-        head = (f"{'case':<44} {'provider':<30} {'median ms':>10} {'p20':>9} {'p80':>9} {'rate':>13} "
+        head = (f"{'case':<44} {'provider':<46} {'median ms':>10} {'p20':>9} {'p80':>9} {'rate':>13} "
                 f"{'of ceiling':>10} {'vs ref':>8} {'extra MB':>9}")
         lines = [head, "-" * len(head)]
         for r in self.rows:
@@ -231,7 +231,7 @@ class Report:
             frac = f"{r.fraction_of_ceiling:.0%}" if r.fraction_of_ceiling is not None else "-"
             speed = f"{r.speedup_vs_reference:.2f}x" if r.speedup_vs_reference is not None else "-"
             mem = f"{r.peak_extra_mb:.0f}" if r.peak_extra_mb is not None else "-"
-            lines.append(f"{r.case:<44} {r.provider:<30} {r.median_ms:>10.2f} {r.p20_ms:>9.2f} {r.p80_ms:>9.2f} "
+            lines.append(f"{r.case:<44} {r.provider:<46} {r.median_ms:>10.2f} {r.p20_ms:>9.2f} {r.p80_ms:>9.2f} "
                          f"{rate:>13} {frac:>10} {speed:>8} {mem:>9}")
         return "\n".join(lines)
 

@@ -147,3 +147,36 @@ def make_inputs(B, T, d, V, *, hidden_dtype=torch.float32, logits_dtype=torch.fl
     logits = (scale * torch.randn(B, T, V, generator=g)).to(logits_dtype)
     tokens = torch.randint(0, V, (B, T), generator=g)
     return hidden.to(device), logits.to(device), tokens.to(device)
+
+
+#: The padding layouts every backend of energy is tested with.
+PADDINGS = ("left", "right", "holes", "ignore_index", "all_masked_row")
+
+
+def padded_case(padding: str, hidden, logits, tokens):
+    """``(hidden, logits, tokens, kwargs)`` with ``padding`` applied to ``[B >= 2, T]`` inputs: the mask
+    (or ignore_index) goes into kwargs, and the padded positions hold what they may hold, garbage (ids
+    outside the vocabulary, NaN logits, inf states) that no backend may read."""
+    B, T = tokens.shape
+    device = tokens.device
+    mask = torch.ones(B, T, dtype=torch.int64, device=device)
+    lengths = [0, 3, T // 2, T - 3][:B]
+    if padding == "left":
+        for b, n in enumerate(lengths):
+            mask[b, :n] = 0
+    elif padding == "right":
+        for b, n in enumerate(lengths):
+            mask[b, T - n:] = 0
+    elif padding == "holes":
+        mask = (torch.rand(B, T, generator=torch.Generator().manual_seed(T)) > 0.3).long().to(device)
+    elif padding == "ignore_index":
+        tokens = tokens.clone()
+        tokens[:, ::5] = -100
+        return hidden, logits, tokens, {}
+    else:
+        mask[1] = 0
+    real = mask.bool()
+    tokens = torch.where(real, tokens, 10**9)
+    logits = torch.where(real.unsqueeze(-1), logits, float("nan"))
+    hidden = torch.where(real.unsqueeze(-1), hidden, float("inf"))
+    return hidden, logits, tokens, {"attention_mask": mask}

@@ -5,7 +5,7 @@ import torch
 
 import mppm_ext
 from conftest import kernel_backends
-from helpers import assert_energy_matches, make_inputs
+from helpers import PADDINGS, assert_energy_matches, make_inputs, padded_case
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -46,31 +46,10 @@ def test_mixed_dtypes(backend, hidden_dtype, logits_dtype):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
-@pytest.mark.parametrize("padding", ["left", "right", "holes", "ignore_index", "all_masked_row"])
+@pytest.mark.parametrize("padding", PADDINGS)
 def test_masks(backend, padding):
     impl, device = backend
-    B, T, V = 4, 23, 1013
-    hidden, logits, tokens = make_inputs(B, T, 48, V, device=device)
-    mask = torch.ones(B, T, dtype=torch.int64, device=device)
-    kwargs = {}
-    if padding == "left":
-        for b, n in enumerate([0, 3, 9, 20]):
-            mask[b, :n] = 0
-    elif padding == "right":
-        for b, n in enumerate([0, 1, 5, 19]):
-            mask[b, T - n:] = 0
-    elif padding == "holes":
-        mask = (torch.rand(B, T, device=device) > 0.3).long()
-    elif padding == "ignore_index":
-        tokens[:, ::5] = -100
-        mask = None
-    else:
-        mask[1] = 0
-    # Padded positions may hold anything, including ids outside the vocabulary and NaN states.
-    if mask is not None:
-        tokens = torch.where(mask.bool(), tokens, 10**9)
-        logits = torch.where(mask.bool().unsqueeze(-1), logits, float("nan"))
-        kwargs["attention_mask"] = mask
+    hidden, logits, tokens, kwargs = padded_case(padding, *make_inputs(4, 23, 48, 1013, device=device))
     result = mppm_ext.energy(hidden, logits, tokens, impl=impl, **kwargs)
     assert_energy_matches(result, hidden, logits, tokens, **kwargs)
     if padding == "all_masked_row":

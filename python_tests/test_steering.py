@@ -214,3 +214,22 @@ def test_cuda_cg_matches_cpu_cg(m):
     gpu = cg.cg_compiled(rows.cuda(), c.cuda(), rhs.double().cuda(), 0.05, 1e-10, 2 * m + 10)
     assert torch.allclose(gpu.u.cpu(), cpu.u, rtol=1e-8, atol=1e-12)
     assert torch.equal(gpu.converged.cpu(), cpu.converged)
+
+
+def test_previous_state_gives_energy_before_and_after():
+    g = torch.Generator().manual_seed(5)
+    hidden, previous = torch.randn(3, 33, generator=g), torch.randn(3, 33, generator=g)
+    weight = torch.randn(97, 33, generator=g)
+    targets = torch.randint(0, 97, (3, 2), generator=g)
+    out = mppm_ext.steer_step(hidden, weight, targets, torch.full((3, 2), 0.5), lam=1e-3, previous=previous)
+    k_before = 0.5 * (hidden.double() - previous.double()).pow(2).sum(-1)
+    k_after = 0.5 * (hidden.double() + out.delta_h.double() - previous.double()).pow(2).sum(-1)
+    torch.testing.assert_close(out.kinetic_before, k_before, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.kinetic_after, k_after, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.log_energy_before, k_before.log()[:, None] + out.surprisal_before, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.log_energy_after, k_after.log()[:, None] + out.surprisal_after, rtol=1e-12, atol=0)
+    assert mppm_ext.steer_step(hidden, weight, targets, torch.full((3, 2), 0.5)).kinetic_before is None
+    with pytest.raises(ValueError, match="previous must have the shape of hidden"):
+        mppm_ext.steer_step(hidden, weight, targets, torch.full((3, 2), 0.5), previous=previous[:2])
+    with pytest.raises(ValueError, match="previous holds NaN"):
+        mppm_ext.steer_step(hidden, weight, targets, torch.full((3, 2), 0.5), previous=previous * float("nan"))

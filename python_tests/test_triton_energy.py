@@ -11,7 +11,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import mppm_ext
-from helpers import assert_energy_matches, make_inputs
+from helpers import PADDINGS, assert_energy_matches, make_inputs, padded_case
 from triton_support import DEVICE, needs_triton
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -71,27 +71,9 @@ def test_strided_inputs():
 
 
 @needs_triton
-@pytest.mark.parametrize("padding", ["left", "holes", "ignore_index", "all_masked_row"])
+@pytest.mark.parametrize("padding", PADDINGS)
 def test_masks(padding):
-    B, T, V = 4, 13, 333
-    hidden, logits, tokens = make_inputs(B, T, 20, V, device=DEVICE)
-    mask = torch.ones(B, T, dtype=torch.int64, device=DEVICE)
-    kwargs = {}
-    if padding == "left":
-        for b, n in enumerate([0, 3, 9, 12]):
-            mask[b, :n] = 0
-    elif padding == "holes":
-        mask = (torch.rand(B, T, device=DEVICE) > 0.3).long()
-    elif padding == "ignore_index":
-        tokens[:, ::4] = -100
-        mask = None
-    else:
-        mask[1] = 0
-    if mask is not None:  # padded positions may hold anything
-        tokens = torch.where(mask.bool(), tokens, 10**9)
-        logits = torch.where(mask.bool().unsqueeze(-1), logits, float("nan"))
-        hidden = torch.where(mask.bool().unsqueeze(-1), hidden, float("inf"))
-        kwargs["attention_mask"] = mask
+    hidden, logits, tokens, kwargs = padded_case(padding, *make_inputs(4, 13, 20, 333, device=DEVICE))
     result = energy(hidden, logits, tokens, **kwargs)
     assert_energy_matches(result, hidden, logits, tokens, **kwargs)
     if padding == "all_masked_row":

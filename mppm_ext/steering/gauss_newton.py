@@ -58,6 +58,10 @@ class SteerResult:
         feasible: [B] bool, the request is possible at all (every wanted log p < 0 and the wanted
             probabilities of the distinct targets sum to < 1).
         steps: [B] int64, Gauss-Newton steps the row took.
+        kinetic_before, kinetic_after: [B] float64, K = 0.5 ||h - h_prev||^2 of the step into the steered
+            state before and after steering; log_energy_before, log_energy_after: [B, m] float64,
+            log K + s of each target (science.md's product energy with that target as the next token).
+            Only when ``previous`` (h_prev) is given to :func:`mppm_ext.steer_step`, else None.
     """
 
     delta_h: Tensor
@@ -79,6 +83,10 @@ class SteerResult:
     converged: Tensor
     feasible: Tensor
     steps: Tensor
+    kinetic_before: Optional[Tensor] = None
+    kinetic_after: Optional[Tensor] = None
+    log_energy_before: Optional[Tensor] = None
+    log_energy_after: Optional[Tensor] = None
 
 
 def feasible(log_prob: Tensor, targets: Tensor, delta: Tensor) -> Tensor:

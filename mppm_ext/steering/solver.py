@@ -14,6 +14,7 @@ Gauss-Newton (:mod:`mppm_ext.steering.gauss_newton`), re-linearising with one st
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -77,7 +78,7 @@ class FinalStateProblem:
 def steer_step(hidden: Tensor, weight: Tensor, targets: Tensor, delta: Tensor, *, bias: Optional[Tensor] = None,
                norm=None, lam: float = 0.0, tol: float = 1e-4, max_iter: Optional[int] = None,
                newton_steps: int = 5, impl: str = "auto", gain_tol: float = 1e-3,
-               max_step: float = 0.25) -> SteerResult:
+               max_step: float = 0.25, previous: Optional[Tensor] = None) -> SteerResult:
     """The smallest perturbation of ``hidden`` that raises log p of each target by the asked amount.
 
     Solves min ||delta_h|| subject to log p(y_i | h + delta_h) = log p(y_i | h) + delta_i for every
@@ -104,6 +105,9 @@ def steer_step(hidden: Tensor, weight: Tensor, targets: Tensor, delta: Tensor, *
         gain_tol: a row has converged when every achieved gain is within gain_tol nats of the asked one.
         max_step: trust region: a Gauss-Newton step is at most ``max_step * ||hidden||`` long
             (an undamped step on an infeasible request was seen to reach ||delta_h|| = 1e42).
+        previous: optional ``[B, d]`` state of the previous position (same space as ``hidden``): the
+            result then also holds the kinetic energy of the step into the steered state and the log
+            energy log K + s of each target, before and after steering.
 
     Returns:
         :class:`SteerResult`: ``delta_h`` [B, d] float32 and per-row diagnostics.
@@ -123,6 +127,26 @@ def steer_step(hidden: Tensor, weight: Tensor, targets: Tensor, delta: Tensor, *
     options = GaussNewtonOptions(lam=float(lam), tol=float(tol), max_iter=args.max_iter,
                                  newton_steps=int(newton_steps), gain_tol=float(gain_tol), max_step=float(max_step),
                                  cg_backend=impl)
+    if previous is not None:
+        previous = check.tensor(previous, "previous")
+        if previous.shape != hidden.shape:
+            raise ValueError(f"previous must have the shape of hidden {tuple(hidden.shape)}, got {tuple(previous.shape)}")
+        check.same_device({"hidden": hidden, "previous": previous})
+        check.float_dtype(previous, "previous", allow_float64=impl == "reference")
+        check.finite(previous, "previous")
     with torch.no_grad():  # no graph to the norm's parameters; torch.func's vjp still differentiates
-        return gauss_newton(problem, problem.hidden, targets.long(), delta.double(), options)
+        result = gauss_newton(problem, problem.hidden, targets.long(), delta.double(), options)
+    return result if previous is None else with_energy(result, hidden, previous)
+
+
+def with_energy(result: SteerResult, hidden: Tensor, previous: Tensor) -> SteerResult:
+    """``result`` with the kinetic and log energies of the step from ``previous`` into ``hidden``, before
+    and after ``result.delta_h`` (float64)."""
+    step = hidden.double() - previous.double()
+    k_before = 0.5 * (step * step).sum(-1)
+    step = step + result.delta_h.double()
+    k_after = 0.5 * (step * step).sum(-1)
+    return dataclasses.replace(result, kinetic_before=k_before, kinetic_after=k_after,
+                               log_energy_before=k_before.log()[:, None] + result.surprisal_before,
+                               log_energy_after=k_after.log()[:, None] + result.surprisal_after)
 
