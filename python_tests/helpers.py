@@ -65,7 +65,12 @@ def from_hidden_reference_pair(hidden, weight, tokens, *, bias=None, norm=None, 
     peaks (s = 15 makes half an ulp of s a 5e-7 relative error of PPL = exp(s)). So the float32
     reference is run with the logits from four GEMMs (batched, one [B*T, d] addmm, one vector product
     per position, as the small row blocks of the tiles are, and numpy's, which the Triton interpreter's
-    tl.dot calls) and, element by element, the one furthest from the truth sets the bound. One more
+    tl.dot calls) and, element by element, the one furthest from the truth sets the bound. Two more
+    runs take the contraction in zero-padded blocks of 32 and of 64 columns of d, one numpy product per
+    block added in order, as the tiled Triton kernels do (BLOCK_D): the padded block is a GEMM of another
+    shape, for which BLAS picks another kernel and so another summation order (a fp16 logit of 40.46 from
+    d = 11 products: the unpadded GEMMs all round it correctly, the one padded to 64 is an ulp, 3.8e-6,
+    off, while any float32 summation order may err up to d * 2^-24 * sum|h_k w_k| = 5.4e-5 there). One more
     run finishes the float32 logits in float64: a float32 log_softmax rounds z - max once more, which
     can cancel the logits' own error by luck, while backends that subtract in float64 (as all of ours
     do) keep exactly the logits' error."""
@@ -81,8 +86,10 @@ def from_hidden_reference_pair(hidden, weight, tokens, *, bias=None, norm=None, 
         elif layout == "rows":
             rows = [torch.addmm(b, r.unsqueeze(0), w.T) for r in post.reshape(-1, post.shape[-1])]
             logits = torch.cat(rows).reshape(*post.shape[:-1], -1)
-        else:  # numpy's BLAS: the GEMM the Triton interpreter's tl.dot runs
+        elif layout == "numpy":  # numpy's BLAS: the GEMM the Triton interpreter's tl.dot runs
             logits = torch.from_numpy(post.numpy() @ w.numpy().T) + b
+        else:  # ("blocked", width): K-blocked and zero-padded, as in the tiled kernels
+            logits = _blocked_matmul(post.reshape(-1, post.shape[-1]), w, layout[1]).reshape(*post.shape[:-1], -1) + b
         state = h if kinetic_state == "pre" else post
         if finish is not None:
             state, logits = state.to(finish), logits.to(finish)
@@ -90,9 +97,24 @@ def from_hidden_reference_pair(hidden, weight, tokens, *, bias=None, norm=None, 
 
     with torch.no_grad():
         truth = run(torch.float64)
-        refs = [run(torch.float32, layout) for layout in ("batched", "flat", "rows", "numpy")]
+        layouts = ("batched", "flat", "rows", "numpy", ("blocked", 32), ("blocked", 64))
+        refs = [run(torch.float32, layout) for layout in layouts]
         refs.append(run(torch.float32, "batched", finish=torch.float64))
     return truth, _envelope(truth, refs)
+
+
+def _blocked_matmul(x, w, width: int):
+    """``x @ w.T`` (float32 [N, d] and [V, d]) summed over d in blocks of ``width`` columns, each block
+    zero-padded to ``width`` and multiplied by numpy, the blocks' products added in order."""
+    n, d = x.shape
+    acc = torch.zeros(n, w.shape[0], dtype=x.dtype)
+    for k0 in range(0, d, width):
+        xb = torch.zeros(n, width, dtype=x.dtype)
+        wb = torch.zeros(w.shape[0], width, dtype=w.dtype)
+        xb[:, :min(width, d - k0)] = x[:, k0:k0 + width]
+        wb[:, :min(width, d - k0)] = w[:, k0:k0 + width]
+        acc = torch.from_numpy(xb.numpy() @ wb.numpy().T) + acc
+    return acc
 
 
 def _tensors(result) -> list:
