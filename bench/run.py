@@ -44,6 +44,8 @@ def parse(argv):
     parser.add_argument("--steer-hidden", type=int, default=2048)
     parser.add_argument("--steer-vocab", type=int, default=50257)
     parser.add_argument("--steer-targets", type=int, nargs="+", default=[1, 16, 256], help="m, targets per row")
+    parser.add_argument("--steer-reference-max-targets", type=int, default=16,
+                        help="time the steer_step reference (J by autograd + pinv) only up to this m")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--all-isas", action="store_true", help="time every CPU instruction set, not just the best")
