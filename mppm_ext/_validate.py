@@ -65,12 +65,6 @@ def unit_last_stride(x: Tensor) -> Tensor:
     return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
-def finite_rows(x: Tensor, rows: Tensor, name: str) -> None:
-    """The rows of ``x`` ([B, T, n]) selected by the bool ``rows`` ([B, T]) hold no NaN or inf."""
-    if has_data(x) and not bool(torch.isfinite(x[rows]).all()):
-        raise ValueError(f"{name} holds NaN or inf in a position that is used")
-
-
 def finite_positions(x: Tensor, rows: Tensor, name: str) -> None:
     """The rows of ``x`` ([B, T, n]) selected by the bool ``rows`` ([B, T]) hold no NaN or inf; the
     message names the first offending (batch, position)."""
