@@ -105,6 +105,17 @@ void check_output(const TensorView& v, const char* name, const TensorView& ref, 
   check_same_device(v, name, ref, "hidden");
 }
 
+// Where an op runs: on the device of ``ref`` (an input already checked), with the caller's CPU threads
+// and CUDA stream (a cudaStream_t passed as an integer, 0 for the default stream).
+Launch launch_on(const TensorView& ref, int num_threads, uintptr_t stream) {
+  if (num_threads < 1) throw ArgumentError("num_threads must be >= 1");
+  Launch launch;
+  launch.num_threads = num_threads;
+  launch.stream = reinterpret_cast<void*>(stream);
+  launch.device_index = ref.device_index;
+  return launch;
+}
+
 void energy(py::handle hidden_c, py::handle logits_c, py::handle tokens_c, py::object mask_c,
             int64_t ignore_index, py::handle out_tokens_c, py::handle out_defined_c, py::handle out_stats_c,
             py::handle out_counts_c, py::handle scratch_c, int num_threads, uintptr_t stream) {
@@ -176,10 +187,7 @@ void energy(py::handle hidden_c, py::handle logits_c, py::handle tokens_c, py::o
   p.out_defined = static_cast<uint8_t*>(out_defined.data);
   p.out_stats = static_cast<float*>(out_stats.data);
   p.out_counts = static_cast<int64_t*>(out_counts.data);
-  if (num_threads < 1) throw ArgumentError("num_threads must be >= 1");
-  p.num_threads = num_threads;
-  p.stream = reinterpret_cast<void*>(stream);
-  p.device_index = hidden.device_index;
+  p.launch = launch_on(hidden, num_threads, stream);
 
   EnergyStatus status;
   if (hidden.device == Device::CPU) {
@@ -252,10 +260,7 @@ void cg_solve(py::handle rows_c, py::object center_c, py::handle rhs_c, double l
   p.residual = static_cast<double*>(out_residual.data);
   p.converged = static_cast<uint8_t*>(out_converged.data);
   p.scratch = static_cast<double*>(scratch.data);
-  if (num_threads < 1) throw ArgumentError("num_threads must be >= 1");
-  p.num_threads = num_threads;
-  p.stream = reinterpret_cast<void*>(stream);
-  p.device_index = rows.device_index;
+  p.launch = launch_on(rows, num_threads, stream);
   if (rows.device == Device::CPU) {
     py::gil_scoped_release release;
     cg_cpu(p);
@@ -308,10 +313,7 @@ void softmax_tile(py::handle z_c, int64_t v0, py::handle run_max_c, py::handle r
     p.picked = state_vector<double>(picked_c, "picked", z, DType::Float64);
   }
   if (!alpha_c.is_none()) p.alpha = state_vector<float>(alpha_c, "alpha", z, DType::Float32);
-  if (num_threads < 1) throw ArgumentError("num_threads must be >= 1");
-  p.num_threads = num_threads;
-  p.stream = reinterpret_cast<void*>(stream);
-  p.device_index = z.device_index;
+  p.launch = launch_on(z, num_threads, stream);
   if (p.R == 0) return;
   if (z.device == Device::CPU) {
     py::gil_scoped_release release;

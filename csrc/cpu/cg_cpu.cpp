@@ -88,7 +88,7 @@ void solve_row(const CGParams& p, int64_t b) {
 }  // namespace
 
 void cg_cpu(const CGParams& p) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(p.num_threads)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(p.launch.num_threads)
   for (int64_t b = 0; b < p.B; ++b) solve_row(p, b);
 }
 

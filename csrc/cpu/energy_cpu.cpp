@@ -81,7 +81,7 @@ EnergyStatus energy_cpu(const EnergyParams& p) {
   // Rows are independent, so any schedule gives bitwise-identical results; dynamic chunks keep the
   // threads busy when padding leaves some rows with nothing to read.
   std::atomic<int64_t> first_fault{n_rows};
-#pragma omp parallel for schedule(dynamic, 4) num_threads(p.num_threads)
+#pragma omp parallel for schedule(dynamic, 4) num_threads(p.launch.num_threads)
   for (int64_t row = 0; row < n_rows; ++row) {
     const Sequence seq{p, row / p.T};
     if (process_position(p, kernels, seq, row % p.T) != EnergyFault::None) {
@@ -100,7 +100,7 @@ EnergyStatus energy_cpu(const EnergyParams& p) {
     status.token = seq.token(status.t);
     return status;
   }
-#pragma omp parallel for schedule(static) num_threads(p.num_threads)
+#pragma omp parallel for schedule(static) num_threads(p.launch.num_threads)
   for (int64_t b = 0; b < p.B; ++b) sequence_stats(p, b);
   return status;
 }

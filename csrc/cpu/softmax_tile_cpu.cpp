@@ -55,7 +55,7 @@ constexpr int64_t kMinParallelElements = 1 << 15;
 
 void softmax_tile_cpu(const SoftmaxTileParams& p) {
   const cpu::RowKernels& kernels = cpu::active_kernels();
-  const int threads = p.R * p.C < kMinParallelElements ? 1 : p.num_threads;
+  const int threads = p.R * p.C < kMinParallelElements ? 1 : p.launch.num_threads;
   // A tile row is a few thousand elements (~1-2 us): static chunks of rows are enough balance.
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t r = 0; r < p.R; ++r) fold_row(p, kernels, r);

@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "device_guard.cuh"
 #include "mppm/cg.h"
 
 namespace mppm {
@@ -126,12 +127,9 @@ __global__ void __launch_bounds__(kThreads) cg_kernel(CGParams p) {
 
 void cg_cuda(const CGParams& p) {
   if (p.B == 0) return;
-  int previous = 0;
-  cudaGetDevice(&previous);
-  cudaSetDevice(p.device_index);
-  cg_kernel<<<static_cast<unsigned>(p.B), kThreads, 0, static_cast<cudaStream_t>(p.stream)>>>(p);
+  const DeviceGuard guard(p.launch.device_index);
+  cg_kernel<<<static_cast<unsigned>(p.B), kThreads, 0, static_cast<cudaStream_t>(p.launch.stream)>>>(p);
   const cudaError_t err = cudaGetLastError();
-  cudaSetDevice(previous);
   if (err != cudaSuccess) throw std::runtime_error(std::string("cg_solve CUDA launch failed: ") + cudaGetErrorString(err));
 }
 

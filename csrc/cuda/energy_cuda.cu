@@ -552,15 +552,15 @@ unsigned grid_for(int64_t blocks) { return static_cast<unsigned>(std::min<int64_
 EnergyStatus energy_cuda(const EnergyParams& p) {
   EnergyStatus status;
   if (p.B == 0) return status;
-  DeviceGuard device(p.device_index);
-  const auto stream = static_cast<cudaStream_t>(p.stream);
+  DeviceGuard device(p.launch.device_index);
+  const auto stream = static_cast<cudaStream_t>(p.launch.stream);
 
   const int64_t n_rows = p.B * p.T;
   // With T == 0 there are no rows, but the CPU kernel still writes every sequence's (empty) statistics.
   if (n_rows > 0) {
     FaultWord fault(stream);
     check(cudaMemsetAsync(fault.get(), 0xff, sizeof(unsigned long long), stream), "cudaMemsetAsync");
-    const Split split = choose_split(n_rows, p.V, p.device_index);
+    const Split split = choose_split(n_rows, p.V, p.launch.device_index);
     PartialBuffer partials(split.splits > 1 ? n_rows * split.splits : 0, stream);
     with_float_type(p.logits_dtype, [&](auto logits_tag) {
       using LT = typename decltype(logits_tag)::type;

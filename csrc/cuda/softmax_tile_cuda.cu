@@ -110,8 +110,8 @@ __global__ void __launch_bounds__(kThreads) softmax_tile_kernel(const SoftmaxTil
 }  // namespace
 
 void softmax_tile_cuda(const SoftmaxTileParams& p) {
-  const DeviceGuard guard(p.device_index);
-  const auto stream = static_cast<cudaStream_t>(p.stream);
+  const DeviceGuard guard(p.launch.device_index);
+  const auto stream = static_cast<cudaStream_t>(p.launch.stream);
   if (p.R > INT32_MAX) throw std::invalid_argument("softmax_tile: more than 2^31 - 1 rows in one tile");
   softmax_tile_kernel<<<dim3(unsigned(p.R)), kThreads, 0, stream>>>(p);
   check(cudaGetLastError(), "softmax_tile_kernel launch");

@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "mppm/tensor_view.h"
+
 namespace mppm {
 
 struct CGParams {
@@ -30,9 +32,7 @@ struct CGParams {
   // Scratch [B, d + 3 m] float64: per row t = G^T p (d), then r, p, A p (m each).
   double* scratch = nullptr;
 
-  int num_threads = 1;     // CPU only
-  void* stream = nullptr;  // CUDA only: cudaStream_t
-  int device_index = 0;    // CUDA only
+  Launch launch;
 };
 
 void cg_cpu(const CGParams& p);

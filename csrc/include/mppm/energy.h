@@ -83,9 +83,7 @@ struct EnergyParams {
   // statistics (means of exp(log K + s) amplify float32 rounding of s beyond the tolerance).
   double* scratch = nullptr;
 
-  int num_threads = 1;        // CPU only
-  void* stream = nullptr;     // CUDA only: cudaStream_t
-  int device_index = 0;       // CUDA only
+  Launch launch;
 };
 
 // What a kernel found wrong in the data itself (the shapes were checked before it ran).

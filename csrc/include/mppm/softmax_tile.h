@@ -18,6 +18,8 @@
 
 #include <cstdint>
 
+#include "mppm/tensor_view.h"
+
 namespace mppm {
 
 struct SoftmaxTileParams {
@@ -34,9 +36,7 @@ struct SoftmaxTileParams {
   double* picked = nullptr;          // [R], written where the target is in this tile; null with targets
   float* alpha = nullptr;            // [R] or null: null leaves z untouched
 
-  int num_threads = 1;     // CPU only
-  void* stream = nullptr;  // CUDA only: cudaStream_t
-  int device_index = 0;    // CUDA only
+  Launch launch;
 };
 
 void softmax_tile_cpu(const SoftmaxTileParams& p);

@@ -29,6 +29,13 @@ struct TensorView {
   }
 };
 
+// Where a kernel runs, shared by every op's parameter struct; bindings.cpp fills it from the caller.
+struct Launch {
+  int num_threads = 1;     // CPU only: OpenMP threads
+  void* stream = nullptr;  // CUDA only: cudaStream_t
+  int device_index = 0;    // CUDA only
+};
+
 inline const char* dtype_name(DType d) {
   switch (d) {
     case DType::Float32: return "float32";
