@@ -121,7 +121,7 @@ def _model_info(loaded, handle: ModelHandle) -> dict:
     return {"name": loaded.name, "family": loaded.family, "trained": bool(loaded.trained),
             "source": getattr(loaded, "source", ""),
             "params": sum(p.numel() for p in loaded.model.parameters()), "vocab": int(V), "hidden": int(d),
-            "log_vocab": math.log(V), "fused": handle.fused}
+            "log_vocab": math.log(V)}
 
 
 def _token_means(ctx: D.Context, handle: ModelHandle, heldout: Sequence[Window], cfg: ScanConfig):
@@ -129,7 +129,7 @@ def _token_means(ctx: D.Context, handle: ModelHandle, heldout: Sequence[Window],
     acc = TokenMeanAccumulator(handle.weight.shape[0], ids, handle.weight.shape[1])
     todo = list(shard(batches(heldout, cfg.batch_size), ctx.rank, ctx.world))
     for batch in progress(todo, total=len(todo), desc="held-out means", enabled=cfg.progress and ctx.is_main):
-        post, _, _, _ = capture_states(handle, batch, StatePlan(), logits=False)
+        post, _, _ = capture_states(handle, batch, StatePlan())
         acc.add(post, batch.ids, batch.mask)
     D.all_reduce_sum(ctx, acc.sums)
     D.all_reduce_sum(ctx, acc.counts)
@@ -229,7 +229,7 @@ def summary_rows(scan: ModelScan, cfg: ScanConfig) -> tuple[list[dict], list[dic
                          "tokens": int((toks >= 0).sum()), **row,
                          "forward_ms_per_1k": 1000.0 * scan.timing["forward_s"] * per_1k,
                          "energy_ms_per_1k": 1000.0 * scan.timing["energy_s"] * per_1k,
-                         "fused": scan.info["fused"], "token_mean_coverage": scan.coverage})
+                         "token_mean_coverage": scan.coverage})
             quantiles += [{**key, **r} for r in q]
             histograms += [{**key, **r} for r in h]
     return rows, quantiles, histograms

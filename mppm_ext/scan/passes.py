@@ -1,10 +1,10 @@
 """One batch through one model: capture the states, then the energy's two parts (log p_t, K_t) for the
 base state and for every state-variant control. Everything else is derived from the parts later.
 
-The base state (final layer, post-norm: the one that feeds the unembedding) goes through the fused op,
-``mppm_ext.energy_from_hidden`` when this build has it (the logits are never stored), else
-``mppm_ext.energy`` on the model's logits. The variants only change the state that moves, not the
-prediction, so they reuse the base log p and need one O(B*T*d) kinetic pass each."""
+The base state (final layer, post-norm: the one that feeds the unembedding) goes through the fused op
+``mppm_ext.energy_from_hidden``, so the forward pass stops before the unembedding and the logits are never
+stored. The variants only change the state that moves, not the prediction, so they reuse the base log p and
+need one O(B*T*d) kinetic pass each."""
 
 from __future__ import annotations
 
@@ -69,7 +69,6 @@ class ModelHandle:
     bias: Optional[Tensor]
     num_blocks: int  # capture's layer index of the last block's output = the pre-norm state
     device: torch.device
-    fused: bool
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelHandle":
@@ -78,7 +77,7 @@ class ModelHandle:
 
         weight, bias = models.unembedding(model)
         return cls(model=model, weight=weight, bias=bias, num_blocks=len(anatomy.blocks(model)),
-                   device=weight.device, fused=hasattr(mppm_ext, "energy_from_hidden"))
+                   device=weight.device)
 
 
 def _sync(device: torch.device) -> None:
@@ -87,9 +86,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def capture_states(handle: ModelHandle, batch: Batch, plan: StatePlan, *, logits: bool):
-    """Forward pass: (post-norm final state, pre-norm final state or None, {variant: layer state}, logits
-    or None)."""
+def capture_states(handle: ModelHandle, batch: Batch, plan: StatePlan):
+    """Forward pass up to the unembedding: (post-norm final state, pre-norm final state or None,
+    {variant: layer state})."""
     from mppm_ext import models
 
     ids, mask = batch.ids.to(handle.device), batch.mask.to(handle.device)
@@ -97,25 +96,22 @@ def capture_states(handle: ModelHandle, batch: Batch, plan: StatePlan, *, logits
     # and the post-norm state -1, also where the final chain is more than a norm (OPT's project_out).
     pre_layer = (handle.num_blocks,) if plan.pre_norm else ()
     indices = tuple(index for _, index in plan.layers)
-    cap = models.capture(handle.model, ids, mask, layers=(-1,) + pre_layer + indices, logits=logits)
+    cap = models.capture(handle.model, ids, mask, layers=(-1,) + pre_layer + indices, logits=False)
     pre = cap.hidden[handle.num_blocks] if plan.pre_norm else None
-    return cap.hidden[-1], pre, {name: cap.hidden[index] for name, index in plan.layers}, cap.logits
+    return cap.hidden[-1], pre, {name: cap.hidden[index] for name, index in plan.layers}
 
 
 def batch_parts(handle: ModelHandle, batch: Batch, plan: StatePlan) -> BatchParts:
     """Capture one batch and compute each variant's parts (see module docstring)."""
     start = time.perf_counter()
-    post, pre, layers, logits = capture_states(handle, batch, plan, logits=not handle.fused)
+    post, pre, layers = capture_states(handle, batch, plan)
     _sync(handle.device)
     forward_s = time.perf_counter() - start
 
     start = time.perf_counter()
     ids, mask = batch.ids.to(handle.device), batch.mask.to(handle.device)
     with torch.no_grad():
-        if handle.fused:
-            base = mppm_ext.energy_from_hidden(post, handle.weight, ids, bias=handle.bias, attention_mask=mask)
-        else:
-            base = mppm_ext.energy(post, logits, ids, attention_mask=mask)
+        base = mppm_ext.energy_from_hidden(post, handle.weight, ids, bias=handle.bias, attention_mask=mask)
         log_prob = base.log_prob.double().cpu()
         parts = {BASE: (log_prob, base.kinetic.double().cpu())}
         real = (mask != 0).cpu()
