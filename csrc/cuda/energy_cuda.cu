@@ -189,8 +189,9 @@ __device__ __forceinline__ OnlineLse logsumexp_part(const T* row, int64_t n) {
   return a;
 }
 
-// This thread's share of ||a - b||^2 over [0, n), in double (exact differences of fp32 inputs, as on
-// the CPU). Scalar loads: the hidden rows are 1-2% of the bytes of a logits row.
+// This thread's share of ||a - b||^2 over [0, n), in double (exact differences of the inputs; the CPU
+// forms differences and squares in float lanes, so the two agree to rounding, not bitwise). Scalar
+// loads: the hidden rows are 1-2% of the bytes of a logits row.
 template <typename T>
 __device__ __forceinline__ double squared_distance_part(const T* a, const T* b, int64_t n) {
   double acc = 0.0;
