@@ -65,6 +65,16 @@ def unit_last_stride(x: Tensor) -> Tensor:
     return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
+def used_positions(real: Tensor) -> tuple[Tensor, Tensor]:
+    """``(scored [B, T-1], used [B, T])``: positions whose log-prob is defined (t and t+1 real), and every
+    position whose state some output reads (a scored position, or either end of a defined step)."""
+    scored = real[:, :-1] & real[:, 1:]
+    used = torch.zeros_like(real)
+    used[:, :-1] |= scored
+    used[:, 1:] |= scored  # a step t-1 -> t is defined exactly where position t-1 is scored
+    return scored, used
+
+
 def finite_positions(x: Tensor, rows: Tensor, name: str) -> None:
     """The rows of ``x`` ([B, T, n]) selected by the bool ``rows`` ([B, T]) hold no NaN or inf; the
     message names the first offending (batch, position)."""

@@ -32,16 +32,6 @@ def _kinetic(states: Tensor, real: Tensor) -> Tensor:
     return out
 
 
-def _used_positions(real: Tensor) -> tuple[Tensor, Tensor]:
-    """``(scored [B, T-1], used [B, T])``: positions whose log-prob is defined (t and t+1 real), and every
-    position whose state some output reads (a scored position, or either end of a defined step)."""
-    scored = real[:, :-1] & real[:, 1:]
-    used = torch.zeros_like(real)
-    used[:, :-1] |= scored
-    used[:, 1:] |= scored  # a step t-1 -> t is defined exactly where position t-1 is scored
-    return scored, used
-
-
 def energy_from_hidden(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = None,
                        norm: Optional[Callable[[Tensor], Tensor]] = None, kinetic_state: str = "post",
                        attention_mask: Optional[Tensor] = None, ignore_index: int = -100,
@@ -102,7 +92,7 @@ def energy_from_hidden(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: 
 def _energy_from_hidden(hidden, weight, tokens, bias, norm, kinetic_state, mask, ignore_index, impl) -> EnergyResult:
     real = reference.real_tokens(tokens, mask, ignore_index)
     check.token_range(tokens, real, weight.shape[0])
-    scored, used = _used_positions(real)
+    scored, used = check.used_positions(real)
     check.finite_positions(hidden, used, "hidden")
     if bias is not None:
         check.finite(bias, "bias")

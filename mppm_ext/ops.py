@@ -136,12 +136,9 @@ def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, attention_mask: Op
     real = reference.real_tokens(tokens, attention_mask, ignore_index)
     check.token_range(tokens, real, logits.shape[-1])
     if impl == "reference":  # the kernels find non-finite values themselves, while reading
-        scored = torch.zeros_like(real)  # positions whose logits row is read: t and t+1 real
-        scored[:, :-1] = real[:, :-1] & real[:, 1:]
-        stepped = scored.clone()  # positions whose state is read: one end of a step
-        stepped[:, 1:] |= scored[:, :-1]
-        check.finite_positions(logits, scored, "logits")
-        check.finite_positions(hidden, stepped, "hidden")
+        scored, used = check.used_positions(real)
+        check.finite_positions(logits[:, :-1], scored, "logits")
+        check.finite_positions(hidden, used, "hidden")
         result = to_float32(reference.energy(hidden, logits, tokens, attention_mask=attention_mask,
                                              ignore_index=ignore_index))
     elif impl == "triton":
