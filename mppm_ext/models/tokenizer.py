@@ -8,7 +8,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
-BYTE_VOCAB = 257
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
