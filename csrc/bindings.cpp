@@ -12,6 +12,7 @@
 #include "mppm/cg.h"
 #include "mppm/checks.h"
 #include "mppm/energy.h"
+#include "mppm/finish.h"
 #include "mppm/softmax_tile.h"
 
 #ifdef MPPM_EXT_WITH_CUDA
@@ -95,14 +96,16 @@ TensorView view_of(const py::handle& obj, const char* name) {
   return v;
 }
 
-void check_output(const TensorView& v, const char* name, const TensorView& ref, DType dtype,
+// A view whose dtype and shape are fixed by the op: contiguous, on the device of `ref` (an argument
+// already checked, named ref_name in the message).
+void check_output(const TensorView& v, const char* name, const TensorView& ref, const char* ref_name, DType dtype,
                   std::initializer_list<int64_t> shape) {
   check_dtype(v, name, {dtype});
   check_ndim(v, name, int(shape.size()));
   int dim = 0;
-  for (int64_t s : shape) check_size(v, name, dim++, s, "the expected output size");
+  for (int64_t s : shape) check_size(v, name, dim++, s, "the expected size");
   check_contiguous(v, name);
-  check_same_device(v, name, ref, "hidden");
+  check_same_device(v, name, ref, ref_name);
 }
 
 // Where an op runs: on the device of ``ref`` (an input already checked), with the caller's CPU threads
@@ -176,12 +179,12 @@ void energy(py::handle hidden_c, py::handle logits_c, py::handle tokens_c, py::o
   const TensorView out_defined = view_of(out_defined_c, "out_defined");
   const TensorView out_stats = view_of(out_stats_c, "out_stats");
   const TensorView out_counts = view_of(out_counts_c, "out_counts");
-  check_output(out_tokens, "out_tokens", hidden, DType::Float32, {kNumTokenQuantities, B, T});
-  check_output(out_defined, "out_defined", hidden, DType::UInt8, {B, T});
-  check_output(out_stats, "out_stats", hidden, DType::Float32, {B, kNumStatColumns});
-  check_output(out_counts, "out_counts", hidden, DType::Int64, {B, kNumCountColumns});
+  check_output(out_tokens, "out_tokens", hidden, "hidden", DType::Float32, {kNumTokenQuantities, B, T});
+  check_output(out_defined, "out_defined", hidden, "hidden", DType::UInt8, {B, T});
+  check_output(out_stats, "out_stats", hidden, "hidden", DType::Float32, {B, kNumStatColumns});
+  check_output(out_counts, "out_counts", hidden, "hidden", DType::Int64, {B, kNumCountColumns});
   const TensorView scratch = view_of(scratch_c, "scratch");
-  check_output(scratch, "scratch", hidden, DType::Float64, {2, B, T});
+  check_output(scratch, "scratch", hidden, "hidden", DType::Float64, {kNumParts, B, T});
   p.scratch = static_cast<double*>(scratch.data);
   p.out_tokens = static_cast<float*>(out_tokens.data);
   p.out_defined = static_cast<uint8_t*>(out_defined.data);
@@ -216,6 +219,50 @@ void energy(py::handle hidden_c, py::handle logits_c, py::handle tokens_c, py::o
   }
 }
 
+// The finish of the energy op on parts computed elsewhere (include/mppm/finish.h); outputs are
+// allocated by Python.
+void energy_finish(py::handle parts_c, py::handle defined_c, py::handle out_tokens_c, py::handle out_stats_c,
+                   py::handle out_counts_c, int num_threads, uintptr_t stream) {
+  const TensorView parts = view_of(parts_c, "parts");
+  check_ndim(parts, "parts", 3);
+  check_dtype(parts, "parts", {DType::Float64});
+  const int64_t B = parts.size(1), T = parts.size(2);
+  if (parts.size(0) < kNumParts)
+    throw ArgumentError("parts must be [P, B, T] with P >= 2 planes (log_prob, kinetic), got shape " +
+                        shape_string(parts));
+  if (B < 1) throw ArgumentError("parts must hold at least one sequence (B >= 1), got shape " + shape_string(parts));
+  check_contiguous(parts, "parts");
+  const TensorView defined = view_of(defined_c, "defined");
+  const TensorView out_tokens = view_of(out_tokens_c, "out_tokens");
+  const TensorView out_stats = view_of(out_stats_c, "out_stats");
+  const TensorView out_counts = view_of(out_counts_c, "out_counts");
+  check_output(defined, "defined", parts, "parts", DType::UInt8, {B, T});
+  check_output(out_tokens, "out_tokens", parts, "parts", DType::Float32, {kNumTokenQuantities, B, T});
+  check_output(out_stats, "out_stats", parts, "parts", DType::Float32, {B, kNumStatColumns});
+  check_output(out_counts, "out_counts", parts, "parts", DType::Int64, {B, kNumCountColumns});
+
+  FinishParams p;
+  p.B = B;
+  p.T = T;
+  p.parts = static_cast<const double*>(parts.data);
+  p.defined = static_cast<const uint8_t*>(defined.data);
+  p.out_tokens = static_cast<float*>(out_tokens.data);
+  p.out_stats = static_cast<float*>(out_stats.data);
+  p.out_counts = static_cast<int64_t*>(out_counts.data);
+  p.launch = launch_on(parts, num_threads, stream);
+  if (parts.device == Device::CPU) {
+    py::gil_scoped_release release;
+    finish_cpu(p);
+  } else {
+#ifdef MPPM_EXT_WITH_CUDA
+    py::gil_scoped_release release;
+    finish_cuda(p);
+#else
+    throw ArgumentError("this build of mppm_ext has no CUDA kernels (built without nvcc)");
+#endif
+  }
+}
+
 // Batched CG of the steering solve (include/mppm/cg.h); outputs and scratch are allocated by Python.
 void cg_solve(py::handle rows_c, py::object center_c, py::handle rhs_c, double lam, double tol, int64_t max_iter,
               py::handle out_u_c, py::handle out_iters_c, py::handle out_residual_c, py::handle out_converged_c,
@@ -227,7 +274,7 @@ void cg_solve(py::handle rows_c, py::object center_c, py::handle rhs_c, double l
   const int64_t B = rows.size(0), m = rows.size(1), d = rows.size(2);
   if (m < 1 || d < 1) throw ArgumentError("rows must be [B, m, d] with m >= 1 and d >= 1, got " + shape_string(rows));
   check_contiguous(rows, "rows");
-  check_output(rhs, "rhs", rows, DType::Float64, {B, m});
+  check_output(rhs, "rhs", rows, "rows", DType::Float64, {B, m});
   CGParams p;
   p.B = B;
   p.m = m;
@@ -235,7 +282,7 @@ void cg_solve(py::handle rows_c, py::object center_c, py::handle rhs_c, double l
   p.rows = static_cast<const float*>(rows.data);
   if (!center_c.is_none()) {
     const TensorView center = view_of(center_c, "center");
-    check_output(center, "center", rows, DType::Float32, {B, d});
+    check_output(center, "center", rows, "rows", DType::Float32, {B, d});
     p.center = static_cast<const float*>(center.data);
   }
   p.rhs = static_cast<const double*>(rhs.data);
@@ -250,11 +297,11 @@ void cg_solve(py::handle rows_c, py::object center_c, py::handle rhs_c, double l
   const TensorView out_residual = view_of(out_residual_c, "out_residual");
   const TensorView out_converged = view_of(out_converged_c, "out_converged");
   const TensorView scratch = view_of(scratch_c, "scratch");
-  check_output(out_u, "out_u", rows, DType::Float64, {B, m});
-  check_output(out_iters, "out_iters", rows, DType::Int64, {B});
-  check_output(out_residual, "out_residual", rows, DType::Float64, {B});
-  check_output(out_converged, "out_converged", rows, DType::UInt8, {B});
-  check_output(scratch, "scratch", rows, DType::Float64, {B, d + 3 * m});
+  check_output(out_u, "out_u", rows, "rows", DType::Float64, {B, m});
+  check_output(out_iters, "out_iters", rows, "rows", DType::Int64, {B});
+  check_output(out_residual, "out_residual", rows, "rows", DType::Float64, {B});
+  check_output(out_converged, "out_converged", rows, "rows", DType::UInt8, {B});
+  check_output(scratch, "scratch", rows, "rows", DType::Float64, {B, d + 3 * m});
   p.u = static_cast<double*>(out_u.data);
   p.iters = static_cast<int64_t*>(out_iters.data);
   p.residual = static_cast<double*>(out_residual.data);
@@ -381,6 +428,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("ignore_index"), py::arg("out_tokens"), py::arg("out_defined"), py::arg("out_stats"),
         py::arg("out_counts"), py::arg("scratch"), py::arg("num_threads"), py::arg("stream"),
         "Fused energy op on DLPack views; see csrc/include/mppm/energy.h for the layout.");
+  m.def("energy_finish", &mppm::energy_finish, py::arg("parts"), py::arg("defined"), py::arg("out_tokens"),
+        py::arg("out_stats"), py::arg("out_counts"), py::arg("num_threads"), py::arg("stream"),
+        "The energy op's finish on DLPack views: from parts [P >= 2, B, T] float64 (plane 0 log_prob, plane 1\n"
+        "kinetic; later planes ignored) and defined [B, T] uint8 (bit 1 log_prob defined, bit 2 kinetic\n"
+        "defined; a position is valid when both are set) to out_tokens [8, B, T] float32 (0 where undefined),\n"
+        "out_stats [B, NUM_STAT_COLUMNS] float32 and out_counts [B, NUM_COUNT_COLUMNS] int64, bitwise what\n"
+        "energy writes from the same parts. All views contiguous, on one device; B >= 1. num_threads: CPU\n"
+        "threads; stream: a cudaStream_t as an integer (0 = default) for CUDA views. See\n"
+        "csrc/include/mppm/finish.h.");
   m.def("cg_solve", &mppm::cg_solve, py::arg("rows"), py::arg("center"), py::arg("rhs"), py::arg("lam"),
         py::arg("tol"), py::arg("max_iter"), py::arg("out_u"), py::arg("out_iters"), py::arg("out_residual"),
         py::arg("out_converged"), py::arg("scratch"), py::arg("num_threads"), py::arg("stream"),

@@ -1,6 +1,7 @@
 // CPU `energy`: one pass over the rows, each row reading its logits once (tile-wise online
-// logsumexp + the target logit) and its two hidden rows (the step into it), then one pass over the
-// O(N) per-token values for the per-sequence statistics. Nothing of size N*V is allocated.
+// logsumexp + the target logit) and its two hidden rows (the step into it) and keeping its parts
+// (log_prob, kinetic, defined bits), then the shared finish (finish_cpu.cpp) over those O(N) parts
+// for the per-token planes and the per-sequence statistics. Nothing of size N*V is allocated.
 #include <omp.h>
 
 #include <atomic>
@@ -9,6 +10,7 @@
 #include "convert.h"
 #include "mppm/energy.h"
 #include "mppm/energy_math.h"
+#include "mppm/finish.h"
 #include "row_kernels.h"
 
 namespace mppm {
@@ -37,7 +39,7 @@ struct Sequence {
   const void* hidden(int64_t t) const { return row_ptr(p.hidden, p.hidden_dtype, b, t, p.hidden_sb, p.hidden_st); }
 };
 
-// Computes position t of a sequence and writes its per-token outputs. Returns the fault found there.
+// Computes position t of a sequence and records its parts. Returns the fault found there.
 EnergyFault process_position(const EnergyParams& p, const cpu::RowKernels& k, const Sequence& seq, int64_t t) {
   const int64_t idx = seq.b * p.T + t;
   const bool real = seq.real(t);
@@ -55,22 +57,8 @@ EnergyFault process_position(const EnergyParams& p, const cpu::RowKernels& k, co
     kinetic = 0.5 * k.squared_distance(seq.hidden(t), seq.hidden(t - 1), p.d, p.hidden_dtype);
     if (!std::isfinite(kinetic)) return EnergyFault::NonFiniteHidden;
   }
-  record_position(p, idx, has_lp, lp, has_k, kinetic);
+  record_parts(p, idx, has_lp, lp, has_k, kinetic);
   return EnergyFault::None;
-}
-
-void sequence_stats(const EnergyParams& p, int64_t b) {
-  const double* lp = p.scratch + b * p.T;
-  const double* kin = p.scratch + p.B * p.T + b * p.T;
-  const uint8_t* defined = p.out_defined + b * p.T;
-  StatSums sums;
-  for (int64_t t = 0; t < p.T; ++t)
-    if (is_valid(defined[t])) add_first_pass(sums, lp[t], kin[t]);
-  double mean[kNumStatQuantities];
-  first_pass_means(sums, mean);
-  for (int64_t t = 0; t < p.T; ++t)
-    if (is_valid(defined[t])) add_second_pass(sums, mean, lp[t], kin[t]);
-  finish_stats(sums, p.out_stats + b * kNumStatColumns, p.out_counts + b * kNumCountColumns);
 }
 
 }  // namespace
@@ -100,8 +88,7 @@ EnergyStatus energy_cpu(const EnergyParams& p) {
     status.token = seq.token(status.t);
     return status;
   }
-#pragma omp parallel for schedule(static) num_threads(p.launch.num_threads)
-  for (int64_t b = 0; b < p.B; ++b) sequence_stats(p, b);
+  finish_cpu(finish_of(p));
   return status;
 }
 

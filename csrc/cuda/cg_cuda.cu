@@ -10,7 +10,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "device_guard.cuh"
+#include "cuda_host.cuh"
 #include "mppm/cg.h"
 
 namespace mppm {

@@ -2,22 +2,21 @@
 //
 //   energy_rows_kernel     one block per position (b, t): reads the logits row once (online logsumexp
 //                          + the target logit) and the two hidden rows of the step into t, writes the
-//                          per-token planes and out_defined, and reports the first faulty row.
+//                          parts (scratch) and out_defined, and reports the first faulty row.
 //   row_partials_kernel    only when B*T is small next to the GPU (a few long rows would leave most SMs
 //                          idle): S blocks per row, each reducing one fixed slice of the logits row to a
 //                          partial (max, sum of exp, non-finite flag); energy_rows_kernel then combines
 //                          the S partials of its row in slice order instead of reading the row.
-//   sequence_stats_kernel  one block per sequence: the two-pass statistics of energy_math.h over the
-//                          per-token values the first kernel wrote.
+// Then, when no row is faulty, the shared finish (finish_cuda.cu) turns the parts into the per-token
+// planes and the per-sequence statistics.
 //
-// Both kernels reduce in a fixed order (per-thread loops with a fixed element assignment, then fixed
-// shuffle and shared-memory trees), so every output is bitwise reproducible from run to run.
+// All these kernels reduce in a fixed order (per-thread loops with a fixed element assignment, then
+// fixed shuffle and shared-memory trees), so every output is bitwise reproducible from run to run.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -25,7 +24,8 @@
 
 #include "mppm/energy.h"
 #include "mppm/energy_math.h"
-#include "device_guard.cuh"
+#include "mppm/finish.h"
+#include "cuda_host.cuh"
 
 namespace mppm {
 namespace {
@@ -41,11 +41,6 @@ constexpr int kUnroll = 4;  // 16-byte vectors loaded per thread before any of t
 // Caps the kernel at 64 registers per thread, which it fits without spilling (unbounded, sm_80 takes
 // 79 and only 3 blocks fit).
 constexpr int kRowBlocksPerSM = 4;
-
-// Statistics kernel: each thread keeps a whole StatSums (168 bytes) in shared memory for the tree
-// reduction; 128 threads need 21 KiB, well inside the 48 KiB of static shared memory, and a sequence
-// has only a few thousand positions, which 128 threads cover in a few dozen steps per pass.
-constexpr int kStatThreads = 128;
 
 constexpr unsigned kFullWarp = 0xffffffffu;
 
@@ -285,10 +280,10 @@ __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM)
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Kernel 1: one block per position
+// The row kernel: one block per position
 
 // process_position of energy_cpu.cpp for one row, by the whole block. The returned fault is meaningful
-// in thread 0 (the other threads may not know about NonFiniteHidden). Outputs are written only when the
+// in thread 0 (the other threads may not know about NonFiniteHidden). The parts are written only when the
 // row has no fault, as on the CPU.
 // With `partials` (split rows), the row's logits are not read here: thread k < splits takes the partial
 // of slice k as its online-logsumexp state, and the combine below is the one a whole row gets.
@@ -373,7 +368,7 @@ __device__ __forceinline__ EnergyFault process_row(const EnergyParams& p, int64_
   const double lp = has_lp ? double(target_logit) - (double(row_max) + log(lse_sum)) : 0.0;
   const double kinetic = has_k ? 0.5 * sq_sum : 0.0;
   if (has_k && !isfinite(kinetic)) return EnergyFault::NonFiniteHidden;
-  record_position(p, row, has_lp, lp, has_k, kinetic);
+  record_parts(p, row, has_lp, lp, has_k, kinetic);
   return EnergyFault::None;
 }
 
@@ -388,69 +383,6 @@ __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM)
       atomicMin(fault, (static_cast<unsigned long long>(row) << 2) | static_cast<unsigned long long>(f));
     // The next row reuses the scratch, which thread 0 may still be reading.
     __syncthreads();
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------
-// Kernel 2: one block per sequence
-
-__device__ __forceinline__ void merge(StatSums& a, const StatSums& b) {
-  a.used += b.used;
-  a.zero_kinetic += b.zero_kinetic;
-#pragma unroll
-  for (int q = 0; q < kNumStatQuantities; ++q) {
-    a.sum[q] += b.sum[q];
-    a.centred_sq[q] += b.centred_sq[q];
-  }
-  a.centred_cross += b.centred_cross;
-}
-
-// Fixed-shape tree over part[0, kStatThreads): part[i] absorbs part[i + stride] for halving strides,
-// so the order of the additions never changes. The total is left in part[0], visible to all threads.
-__device__ __forceinline__ void tree_reduce(StatSums* part) {
-  static_assert((kStatThreads & (kStatThreads - 1)) == 0, "the tree needs a power-of-two block");
-  __syncthreads();
-#pragma unroll
-  for (int stride = kStatThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) merge(part[threadIdx.x], part[threadIdx.x + stride]);
-    __syncthreads();
-  }
-}
-
-// sequence_stats of energy_cpu.cpp: the same two passes, each split over the threads by position.
-__global__ void __launch_bounds__(kStatThreads) sequence_stats_kernel(const EnergyParams p) {
-  // Raw storage: StatSums has default member initialisers, which a __shared__ variable cannot have.
-  __shared__ alignas(StatSums) unsigned char storage[kStatThreads * sizeof(StatSums)];
-  StatSums* part = reinterpret_cast<StatSums*>(storage);
-  const int tid = threadIdx.x;
-  const int64_t plane = p.B * p.T;
-  for (int64_t b = blockIdx.x; b < p.B; b += gridDim.x) {
-    const double* lp = p.scratch + b * p.T;
-    const double* kin = p.scratch + plane + b * p.T;
-    const uint8_t* defined = p.out_defined + b * p.T;
-
-    StatSums first;
-    for (int64_t t = tid; t < p.T; t += kStatThreads)
-      if (is_valid(defined[t])) add_first_pass(first, lp[t], kin[t]);
-    part[tid] = first;
-    tree_reduce(part);
-    StatSums total = part[0];
-    double mean[kNumStatQuantities];
-    first_pass_means(total, mean);
-    __syncthreads();  // everyone has read part[0] before the second pass overwrites it
-
-    StatSums second;
-    for (int64_t t = tid; t < p.T; t += kStatThreads)
-      if (is_valid(defined[t])) add_second_pass(second, mean, lp[t], kin[t]);
-    part[tid] = second;
-    tree_reduce(part);
-    if (tid == 0) {
-#pragma unroll
-      for (int q = 0; q < kNumStatQuantities; ++q) total.centred_sq[q] = part[0].centred_sq[q];
-      total.centred_cross = part[0].centred_cross;
-      finish_stats(total, p.out_stats + b * kNumStatColumns, p.out_counts + b * kNumCountColumns);
-    }
-    __syncthreads();  // thread 0 reads part[0] above before the next sequence overwrites it
   }
 }
 
@@ -545,9 +477,6 @@ int64_t copy_to_host(const void* base, int64_t offset, cudaStream_t stream) {
   return int64_t(value);
 }
 
-// The grid-stride loops take any count; the grid itself is capped at what gridDim.x can hold.
-unsigned grid_for(int64_t blocks) { return static_cast<unsigned>(std::min<int64_t>(blocks, INT_MAX)); }
-
 }  // namespace
 
 EnergyStatus energy_cuda(const EnergyParams& p) {
@@ -557,7 +486,7 @@ EnergyStatus energy_cuda(const EnergyParams& p) {
   const auto stream = static_cast<cudaStream_t>(p.launch.stream);
 
   const int64_t n_rows = p.B * p.T;
-  // With T == 0 there are no rows, but the CPU kernel still writes every sequence's (empty) statistics.
+  // With T == 0 there are no rows, but the finish still writes every sequence's (empty) statistics.
   if (n_rows > 0) {
     FaultWord fault(stream);
     check(cudaMemsetAsync(fault.get(), 0xff, sizeof(unsigned long long), stream), "cudaMemsetAsync");
@@ -593,8 +522,7 @@ EnergyStatus energy_cuda(const EnergyParams& p) {
     }
   }
 
-  sequence_stats_kernel<<<grid_for(p.B), kStatThreads, 0, stream>>>(p);
-  check(cudaGetLastError(), "sequence_stats_kernel launch");
+  finish_cuda(finish_of(p));
   return status;
 }
 

@@ -13,7 +13,7 @@
 
 #include "mppm/softmax_tile.h"
 #include "mppm/softmax_tile_math.h"
-#include "device_guard.cuh"
+#include "cuda_host.cuh"
 
 namespace mppm {
 namespace {

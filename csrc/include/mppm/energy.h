@@ -73,14 +73,15 @@ struct EnergyParams {
   int64_t ignore_index = -100;
 
   // Outputs, contiguous: [kNumTokenQuantities, B, T] fp32, [B, T] uint8 (kDefined* bits),
-  // [B, kNumStatColumns] fp32, [B, kNumCountColumns] int64.
+  // [B, kNumStatColumns] fp32, [B, kNumCountColumns] int64. The row pass writes out_defined and the
+  // scratch; the finish (finish.h) writes the other three from them.
   float* out_tokens = nullptr;
   uint8_t* out_defined = nullptr;
   float* out_stats = nullptr;
   int64_t* out_counts = nullptr;
 
-  // Scratch, contiguous [2, B, T] float64: log_prob and kinetic kept at full precision for the
-  // statistics (means of exp(log K + s) amplify float32 rounding of s beyond the tolerance).
+  // Scratch, contiguous [kNumParts = 2, B, T] float64: the parts (log_prob, kinetic) at full precision
+  // for the finish (means of exp(log K + s) amplify float32 rounding of s beyond the tolerance).
   double* scratch = nullptr;
 
   Launch launch;

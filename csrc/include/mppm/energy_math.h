@@ -28,10 +28,30 @@ MPPM_HD bool token_is_real(int64_t token, const uint8_t* mask_entry, int64_t ign
   return token != ignore_index && (mask_entry == nullptr || *mask_entry != 0);
 }
 
-// Writes the eight per-token planes for position `idx` (= b*T + t) of a [q, B, T] block and returns
-// its kDefined* bits. Undefined entries get 0 (see energy.h).
-MPPM_HD uint8_t write_token_quantities(float* out_tokens, int64_t plane, int64_t idx, bool has_lp,
-                                       double lp, bool has_k, double k) {
+MPPM_HD uint8_t defined_bits(bool has_lp, bool has_k) {
+  return uint8_t((has_lp ? kDefinedLogProb : 0) | (has_k ? kDefinedKinetic : 0));
+}
+
+// Both bits set: the position is valid. Other bits are ignored.
+MPPM_HD bool is_valid(uint8_t defined) {
+  constexpr uint8_t kBoth = kDefinedLogProb | kDefinedKinetic;
+  return (defined & kBoth) == kBoth;
+}
+
+// What the row pass of the energy op keeps of one position: its kDefined* bits and the full-precision
+// log_prob and kinetic (0 where undefined), the parts that the finish reads back.
+MPPM_HD void record_parts(const EnergyParams& p, int64_t idx, bool has_lp, double lp, bool has_k, double k) {
+  p.out_defined[idx] = defined_bits(has_lp, has_k);
+  p.scratch[idx] = lp;
+  p.scratch[p.B * p.T + idx] = k;
+}
+
+// Writes the eight per-token planes for position `idx` (= b*T + t) of a [q, B, T] block from its
+// kDefined* bits and parts. Undefined entries get 0 (see energy.h) and their parts are not read.
+MPPM_HD void write_token_quantities(float* out_tokens, int64_t plane, int64_t idx, uint8_t defined, double lp,
+                                    double k) {
+  const bool has_lp = (defined & kDefinedLogProb) != 0;
+  const bool has_k = (defined & kDefinedKinetic) != 0;
   const bool valid = has_lp && has_k;
   const double log_k = has_k ? log(k) : 0.0;  // k == 0 gives -inf, reported through the counts
   out_tokens[kLogProb * plane + idx] = has_lp ? float(lp) : 0.0f;
@@ -42,20 +62,7 @@ MPPM_HD uint8_t write_token_quantities(float* out_tokens, int64_t plane, int64_t
   out_tokens[kLogEnergy * plane + idx] = valid ? float(log_k - lp) : 0.0f;
   out_tokens[kAdditiveEnergy * plane + idx] = valid ? float(k + lp) : 0.0f;
   out_tokens[kLogLagrangian * plane + idx] = valid ? float(log_k + lp) : 0.0f;
-  return uint8_t((has_lp ? kDefinedLogProb : 0) | (has_k ? kDefinedKinetic : 0));
 }
-
-// Everything one position produces: its per-token planes, its kDefined* bits, and the full-precision
-// log_prob and kinetic that the statistics pass reads back.
-MPPM_HD void record_position(const EnergyParams& p, int64_t idx, bool has_lp, double lp, bool has_k, double k) {
-  const int64_t plane = p.B * p.T;
-  p.out_defined[idx] = write_token_quantities(p.out_tokens, plane, idx, has_lp, lp, has_k, k);
-  p.scratch[idx] = lp;
-  p.scratch[plane + idx] = k;
-}
-
-// Both bits set: the position is valid.
-MPPM_HD bool is_valid(uint8_t defined) { return defined == (kDefinedLogProb | kDefinedKinetic); }
 
 // The statistics' value of every stat quantity at one position, from its log_prob and kinetic.
 MPPM_HD void stat_values(double lp, double k, double* v) {
