@@ -119,6 +119,29 @@ Launch launch_on(const TensorView& ref, int num_threads, uintptr_t stream) {
   return launch;
 }
 
+// Identity, to keep run_kernel's `cuda` parameter out of template deduction (so nullptr binds to it).
+template <typename T>
+struct NonDeduced {
+  using type = T;
+};
+
+// Runs an op's kernel with the GIL released: `cpu` for CPU views, `cuda` for CUDA views, where `cuda` is
+// MPPM_CUDA_KERNEL(name): nullptr in a build without nvcc, which CUDA views are then refused by.
+template <typename Params, typename Result>
+Result run_kernel(Device device, const Params& p, Result (*cpu)(const Params&),
+                  typename NonDeduced<Result (*)(const Params&)>::type cuda) {
+  if (device == Device::CUDA && cuda == nullptr)
+    throw ArgumentError("this build of mppm_ext has no CUDA kernels (built without nvcc)");
+  py::gil_scoped_release release;
+  return device == Device::CPU ? cpu(p) : cuda(p);
+}
+
+#ifdef MPPM_EXT_WITH_CUDA
+#define MPPM_CUDA_KERNEL(name) (&name)
+#else
+#define MPPM_CUDA_KERNEL(name) nullptr
+#endif
+
 void energy(py::handle hidden_c, py::handle logits_c, py::handle tokens_c, py::object mask_c,
             int64_t ignore_index, py::handle out_tokens_c, py::handle out_defined_c, py::handle out_stats_c,
             py::handle out_counts_c, py::handle scratch_c, int num_threads, uintptr_t stream) {
@@ -192,18 +215,7 @@ void energy(py::handle hidden_c, py::handle logits_c, py::handle tokens_c, py::o
   p.out_counts = static_cast<int64_t*>(out_counts.data);
   p.launch = launch_on(hidden, num_threads, stream);
 
-  EnergyStatus status;
-  if (hidden.device == Device::CPU) {
-    py::gil_scoped_release release;
-    status = energy_cpu(p);
-  } else {
-#ifdef MPPM_EXT_WITH_CUDA
-    py::gil_scoped_release release;
-    status = energy_cuda(p);
-#else
-    throw ArgumentError("this build of mppm_ext has no CUDA kernels (built without nvcc)");
-#endif
-  }
+  const EnergyStatus status = run_kernel(hidden.device, p, &energy_cpu, MPPM_CUDA_KERNEL(energy_cuda));
   std::ostringstream s;
   s << " at batch " << status.b << ", position " << status.t;
   switch (status.fault) {
@@ -250,17 +262,7 @@ void energy_finish(py::handle parts_c, py::handle defined_c, py::handle out_toke
   p.out_stats = static_cast<float*>(out_stats.data);
   p.out_counts = static_cast<int64_t*>(out_counts.data);
   p.launch = launch_on(parts, num_threads, stream);
-  if (parts.device == Device::CPU) {
-    py::gil_scoped_release release;
-    finish_cpu(p);
-  } else {
-#ifdef MPPM_EXT_WITH_CUDA
-    py::gil_scoped_release release;
-    finish_cuda(p);
-#else
-    throw ArgumentError("this build of mppm_ext has no CUDA kernels (built without nvcc)");
-#endif
-  }
+  run_kernel(parts.device, p, &finish_cpu, MPPM_CUDA_KERNEL(finish_cuda));
 }
 
 // Batched CG of the steering solve (include/mppm/cg.h); outputs and scratch are allocated by Python.
@@ -308,17 +310,7 @@ void cg_solve(py::handle rows_c, py::object center_c, py::handle rhs_c, double l
   p.converged = static_cast<uint8_t*>(out_converged.data);
   p.scratch = static_cast<double*>(scratch.data);
   p.launch = launch_on(rows, num_threads, stream);
-  if (rows.device == Device::CPU) {
-    py::gil_scoped_release release;
-    cg_cpu(p);
-  } else {
-#ifdef MPPM_EXT_WITH_CUDA
-    py::gil_scoped_release release;
-    cg_cuda(p);
-#else
-    throw ArgumentError("this build of mppm_ext has no CUDA kernels (built without nvcc)");
-#endif
-  }
+  run_kernel(rows.device, p, &cg_cpu, MPPM_CUDA_KERNEL(cg_cuda));
 }
 
 // A [R] state vector of softmax_tile: contiguous, on z's device, of one dtype.
@@ -362,17 +354,7 @@ void softmax_tile(py::handle z_c, int64_t v0, py::handle run_max_c, py::handle r
   if (!alpha_c.is_none()) p.alpha = state_vector<float>(alpha_c, "alpha", z, DType::Float32);
   p.launch = launch_on(z, num_threads, stream);
   if (p.R == 0) return;
-  if (z.device == Device::CPU) {
-    py::gil_scoped_release release;
-    softmax_tile_cpu(p);
-  } else {
-#ifdef MPPM_EXT_WITH_CUDA
-    py::gil_scoped_release release;
-    softmax_tile_cuda(p);
-#else
-    throw ArgumentError("this build of mppm_ext has no CUDA kernels (built without nvcc)");
-#endif
-  }
+  run_kernel(z.device, p, &softmax_tile_cpu, MPPM_CUDA_KERNEL(softmax_tile_cuda));
 }
 
 int cuda_device_count() {
