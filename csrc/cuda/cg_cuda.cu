@@ -7,8 +7,6 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
-#include <stdexcept>
-#include <string>
 
 #include "cuda_host.cuh"
 #include "mppm/cg.h"
@@ -129,8 +127,7 @@ void cg_cuda(const CGParams& p) {
   if (p.B == 0) return;
   const DeviceGuard guard(p.launch.device_index);
   cg_kernel<<<static_cast<unsigned>(p.B), kThreads, 0, static_cast<cudaStream_t>(p.launch.stream)>>>(p);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("cg_solve CUDA launch failed: ") + cudaGetErrorString(err));
+  check_cuda(cudaGetLastError(), "cg_kernel launch");
 }
 
 }  // namespace mppm

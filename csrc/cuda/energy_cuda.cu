@@ -49,11 +49,6 @@ constexpr unsigned kFullWarp = 0xffffffffu;
 constexpr unsigned long long kNoFault = ~0ull;
 static_assert(static_cast<int>(EnergyFault::NonFiniteHidden) < 4, "a fault kind must fit in two bits");
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("mppm_ext energy (CUDA): ") + what + " failed: " + cudaGetErrorString(err));
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Element access
 
@@ -394,7 +389,7 @@ __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM)
 class FaultWord {
  public:
   explicit FaultWord(cudaStream_t stream) : stream_(stream) {
-    check(cudaMallocAsync(&ptr_, sizeof(unsigned long long), stream_), "cudaMallocAsync");
+    check_cuda(cudaMallocAsync(&ptr_, sizeof(unsigned long long), stream_), "cudaMallocAsync");
   }
   ~FaultWord() { cudaFreeAsync(ptr_, stream_); }  // stream-ordered: after every use enqueued before it
   FaultWord(const FaultWord&) = delete;
@@ -410,7 +405,7 @@ class FaultWord {
 class PartialBuffer {
  public:
   PartialBuffer(int64_t count, cudaStream_t stream) : stream_(stream) {
-    if (count > 0) check(cudaMallocAsync(&ptr_, count * sizeof(RowPartial), stream_), "cudaMallocAsync (partials)");
+    if (count > 0) check_cuda(cudaMallocAsync(&ptr_, count * sizeof(RowPartial), stream_), "cudaMallocAsync (partials)");
   }
   ~PartialBuffer() {
     if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);
@@ -437,7 +432,7 @@ struct Split {
 
 Split choose_split(int64_t n_rows, int64_t V, int device) {
   int sms = 0;
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
   const int64_t slots = int64_t(sms) * kRowBlocksPerSM;
   Split split;
   if (n_rows * 2 > slots) return split;  // enough rows: one block per row already fills the GPU
@@ -471,9 +466,9 @@ void with_float_type(DType dtype, F&& f) {
 template <typename T>
 int64_t copy_to_host(const void* base, int64_t offset, cudaStream_t stream) {
   T value{};
-  check(cudaMemcpyAsync(&value, static_cast<const T*>(base) + offset, sizeof(T), cudaMemcpyDeviceToHost, stream),
-        "cudaMemcpyAsync (token)");
-  check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+  check_cuda(cudaMemcpyAsync(&value, static_cast<const T*>(base) + offset, sizeof(T), cudaMemcpyDeviceToHost, stream),
+             "cudaMemcpyAsync (token)");
+  check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
   return int64_t(value);
 }
 
@@ -489,7 +484,7 @@ EnergyStatus energy_cuda(const EnergyParams& p) {
   // With T == 0 there are no rows, but the finish still writes every sequence's (empty) statistics.
   if (n_rows > 0) {
     FaultWord fault(stream);
-    check(cudaMemsetAsync(fault.get(), 0xff, sizeof(unsigned long long), stream), "cudaMemsetAsync");
+    check_cuda(cudaMemsetAsync(fault.get(), 0xff, sizeof(unsigned long long), stream), "cudaMemsetAsync");
     const Split split = choose_split(n_rows, p.V, p.launch.device_index);
     PartialBuffer partials(split.splits > 1 ? n_rows * split.splits : 0, stream);
     with_float_type(p.logits_dtype, [&](auto logits_tag) {
@@ -497,7 +492,7 @@ EnergyStatus energy_cuda(const EnergyParams& p) {
       if (split.splits > 1) {
         row_partials_kernel<LT><<<grid_for(n_rows * split.splits), kRowThreads, 0, stream>>>(
             p, split.splits, split.slice, partials.get());
-        check(cudaGetLastError(), "row_partials_kernel launch");
+        check_cuda(cudaGetLastError(), "row_partials_kernel launch");
       }
       with_float_type(p.hidden_dtype, [&](auto hidden_tag) {
         using HT = typename decltype(hidden_tag)::type;
@@ -505,11 +500,12 @@ EnergyStatus energy_cuda(const EnergyParams& p) {
                                                                                   split.splits);
       });
     });
-    check(cudaGetLastError(), "energy_rows_kernel launch");
+    check_cuda(cudaGetLastError(), "energy_rows_kernel launch");
 
     unsigned long long word = kNoFault;
-    check(cudaMemcpyAsync(&word, fault.get(), sizeof word, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync (fault)");
-    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    check_cuda(cudaMemcpyAsync(&word, fault.get(), sizeof word, cudaMemcpyDeviceToHost, stream),
+               "cudaMemcpyAsync (fault)");
+    check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
     if (word != kNoFault) {
       const int64_t row = static_cast<int64_t>(word >> 2);
       status.fault = static_cast<EnergyFault>(word & 3u);

@@ -9,7 +9,6 @@
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
-#include <string>
 
 #include "mppm/softmax_tile.h"
 #include "mppm/softmax_tile_math.h"
@@ -23,12 +22,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullWarp = 0xffffffffu;
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("mppm_ext softmax_tile (CUDA): ") + what + " failed: " +
-                             cudaGetErrorString(err));
-}
 
 struct MaxOp {
   template <typename T>
@@ -114,7 +107,7 @@ void softmax_tile_cuda(const SoftmaxTileParams& p) {
   const auto stream = static_cast<cudaStream_t>(p.launch.stream);
   if (p.R > INT32_MAX) throw std::invalid_argument("softmax_tile: more than 2^31 - 1 rows in one tile");
   softmax_tile_kernel<<<dim3(unsigned(p.R)), kThreads, 0, stream>>>(p);
-  check(cudaGetLastError(), "softmax_tile_kernel launch");
+  check_cuda(cudaGetLastError(), "softmax_tile_kernel launch");
 }
 
 }  // namespace mppm
