@@ -384,41 +384,6 @@ __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM)
 // ---------------------------------------------------------------------------------------------------
 // Host side
 
-// The fault word of one call, allocated in stream order so that concurrent calls on other streams each
-// get their own and nothing waits for the whole device.
-class FaultWord {
- public:
-  explicit FaultWord(cudaStream_t stream) : stream_(stream) {
-    check_cuda(cudaMallocAsync(&ptr_, sizeof(unsigned long long), stream_), "cudaMallocAsync");
-  }
-  ~FaultWord() { cudaFreeAsync(ptr_, stream_); }  // stream-ordered: after every use enqueued before it
-  FaultWord(const FaultWord&) = delete;
-  FaultWord& operator=(const FaultWord&) = delete;
-  unsigned long long* get() const { return ptr_; }
-
- private:
-  cudaStream_t stream_;
-  unsigned long long* ptr_ = nullptr;
-};
-
-// The partials of split rows, stream-ordered like FaultWord.
-class PartialBuffer {
- public:
-  PartialBuffer(int64_t count, cudaStream_t stream) : stream_(stream) {
-    if (count > 0) check_cuda(cudaMallocAsync(&ptr_, count * sizeof(RowPartial), stream_), "cudaMallocAsync (partials)");
-  }
-  ~PartialBuffer() {
-    if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);
-  }
-  PartialBuffer(const PartialBuffer&) = delete;
-  PartialBuffer& operator=(const PartialBuffer&) = delete;
-  RowPartial* get() const { return ptr_; }
-
- private:
-  cudaStream_t stream_;
-  RowPartial* ptr_ = nullptr;
-};
-
 // How many slices each row is cut into: 1 (no split) unless the rows cannot fill the GPU with
 // kRowBlocksPerSM blocks per SM, then enough to fill it, with slices of at least kMinSlice elements and
 // at most kRowThreads of them (one per combining thread). E.g. 8 rows of V = 128256 on a 132-SM H100:
@@ -483,10 +448,11 @@ EnergyStatus energy_cuda(const EnergyParams& p) {
   const int64_t n_rows = p.B * p.T;
   // With T == 0 there are no rows, but the finish still writes every sequence's (empty) statistics.
   if (n_rows > 0) {
-    FaultWord fault(stream);
+    StreamBuffer<unsigned long long> fault(1, stream, "cudaMallocAsync (fault word)");
     check_cuda(cudaMemsetAsync(fault.get(), 0xff, sizeof(unsigned long long), stream), "cudaMemsetAsync");
     const Split split = choose_split(n_rows, p.V, p.launch.device_index);
-    PartialBuffer partials(split.splits > 1 ? n_rows * split.splits : 0, stream);
+    StreamBuffer<RowPartial> partials(split.splits > 1 ? n_rows * split.splits : 0, stream,
+                                      "cudaMallocAsync (partials)");
     with_float_type(p.logits_dtype, [&](auto logits_tag) {
       using LT = typename decltype(logits_tag)::type;
       if (split.splits > 1) {
