@@ -15,7 +15,9 @@ struct RowKernels {
   // log(sum_i exp(row[i])) over a row of n logits, accumulated in fp32 lanes and double tiles.
   // Sets *finite to false when the row holds a NaN or an infinity.
   double (*logsumexp)(const void* row, int64_t n, DType dtype, bool* finite);
-  // sum_i (a[i] - b[i])^2 over n elements, in double.
+  // sum_i (a[i] - b[i])^2 over n elements: differences and squares in float lanes, each lane adding at
+  // most 8 squares in float before its sum moves into a double total; the last n % lanes elements in
+  // double. So not a double computation: it agrees with one to float rounding of those short sums.
   double (*squared_distance)(const void* a, const void* b, int64_t n, DType dtype);
   // Max of n float32 values; sets *finite to false when the row holds a NaN or an infinity.
   float (*row_max)(const float* row, int64_t n, bool* finite);

@@ -1,11 +1,20 @@
 // The `energy` op contract shared by the CPU and CUDA kernels: a plain parameter struct that the
 // host code in bindings.cpp fills after validating every view, and the layout of the outputs.
 //
-// Definitions follow shared/design/science.md. For position t of sequence b:
-//   real[t]        token t is neither masked out nor ignore_index
-//   log_prob[t]    log softmax(z_t)[x_{t+1}], defined when real[t] and real[t+1] (t <= T-2)
-//   kinetic[t]     0.5 * ||h_t - h_{t-1}||^2,  defined when real[t] and real[t-1] (t >= 1)
-//   valid[t]       both are defined; the energy-type quantities exist only there.
+// docs/definitions.md defines every quantity; in brief, for position t of sequence b, with h_t the
+// hidden state, z_t the logits and x_t the token id at t:
+//   real[t]         token t takes part: it is not masked out and not ignore_index
+//   log_prob[t]     log softmax(z_t)[x_{t+1}], how likely state t found the next token; defined when
+//                   real[t] and real[t+1] (so t <= T-2). surprisal s_t = -log_prob[t].
+//   kinetic[t]      K_t = 0.5 * ||h_t - h_{t-1}||^2, the step into state t; defined when real[t] and
+//                   real[t-1] (so t >= 1)
+//   valid[t]        both are defined; the energy-type quantities exist only there:
+//                   energy K_t * exp(s_t), log_energy log K_t + s_t, additive_energy K_t + log_prob[t],
+//                   log_lagrangian log K_t - s_t.
+// The statistics of a sequence are over its valid positions with K_t > 0 (a zero step has
+// log K = -inf and is only counted): mean, population std and cv = std / |mean| of every quantity and
+// of exp(s_t), and Pearson corr(log K, s), NaN when either is constant to rounding (a spread below
+// kFlatRelativeStd = 1e-12 of its mean, energy_math.h).
 // The kernels write 0 into undefined entries and say what is defined in out_defined; the Python
 // wrapper turns undefined entries into NaN. (NaN-free op outputs keep torch.library.opcheck's exact
 // eager-vs-compiled comparison meaningful.)
@@ -17,7 +26,8 @@
 
 namespace mppm {
 
-// Order of the per-token output planes, out_tokens[q, b, t]. Python's ops.TOKEN_QUANTITIES mirrors it.
+// Order of the per-token output planes, out_tokens[q, b, t]. TOKEN_QUANTITIES in mppm_ext/results.py
+// lists the same names in the same order.
 enum TokenQuantity : int {
   kLogProb = 0,
   kSurprisal,
