@@ -413,8 +413,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("energy_finish", &mppm::energy_finish, py::arg("parts"), py::arg("defined"), py::arg("out_tokens"),
         py::arg("out_stats"), py::arg("out_counts"), py::arg("num_threads"), py::arg("stream"),
         "The energy op's finish on DLPack views: from parts [P >= 2, B, T] float64 (plane 0 log_prob, plane 1\n"
-        "kinetic; later planes ignored) and defined [B, T] uint8 (bit 1 log_prob defined, bit 2 kinetic\n"
-        "defined; a position is valid when both are set) to out_tokens [8, B, T] float32 (0 where undefined),\n"
+        "kinetic; later planes ignored) and defined [B, T] uint8 (defined & 1: log_prob defined, defined & 2:\n"
+        "kinetic defined; a position is valid when both are set) to out_tokens [8, B, T] float32 (0 where undefined),\n"
         "out_stats [B, NUM_STAT_COLUMNS] float32 and out_counts [B, NUM_COUNT_COLUMNS] int64, bitwise what\n"
         "energy writes from the same parts. All views contiguous, on one device; B >= 1. num_threads: CPU\n"
         "threads; stream: a cudaStream_t as an integer (0 = default) for CUDA views. See\n"
