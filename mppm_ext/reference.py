@@ -1,5 +1,5 @@
 """Plain-PyTorch definitions of every quantity mppm_ext computes: the specification the kernels must
-match (see shared/design/science.md). Written for clarity, not speed: it materialises ``[B, T, V]``
+match (docs/definitions.md). Written for clarity, not speed: it materialises ``[B, T, V]``
 log-probabilities. Computes in the dtype it is given; the tests call it in float64 for the truth.
 
 Shapes: hidden ``[B, T, d]``, logits ``[B, T, V]``, tokens ``[B, T]`` (int), attention_mask ``[B, T]``.
@@ -53,7 +53,7 @@ def kinetic(hidden: Tensor, real: Tensor) -> Tensor:
 
 
 def token_quantities(log_prob: Tensor, kin: Tensor) -> dict[str, Tensor]:
-    """Every per-token quantity from log p_t and K_t (science.md, "Definitions")."""
+    """Every per-token quantity from log p_t and K_t (docs/definitions.md)."""
     valid = ~log_prob.isnan() & ~kin.isnan()
     surprisal = -log_prob
     log_kinetic = torch.log(kin)

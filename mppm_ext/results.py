@@ -67,7 +67,7 @@ class EnergyResult:
     """Output of :func:`mppm_ext.energy`.
 
     Every per-token attribute is a ``[B, T]`` float32 tensor (``[T]`` for unbatched input). Index t
-    follows shared/design/science.md: ``log_prob[:, t]`` scores token t+1 from state t, and
+    follows docs/definitions.md: ``log_prob[:, t]`` scores token t+1 from state t, and
     ``kinetic[:, t]`` is the step from state t-1 into state t.
 
     Attributes:

@@ -1,6 +1,6 @@
 """Comparison against the float64 reference, with the one tolerance table of the test suite.
 
-Rule (shared/design/architecture.md, "Testing policy"): an output passes when, elementwise,
+Rule (README, "Reliability"): an output passes when, elementwise,
 
     |truth - ours| <= K * max|truth - ref| + ATOL + RTOL * |truth|
 

@@ -1,5 +1,5 @@
 """Jacobian steering: the minimal-norm perturbation of a hidden state that raises the log-probability of
-target tokens by asked amounts (shared/design/science.md, "Jacobian steering").
+target tokens by asked amounts (docs/definitions.md, "Jacobian steering").
 
     steer_step(hidden, weight, targets, delta, ...) -> SteerResult   the state that feeds the unembedding
     steer_layer(model, input_ids, layer, targets, delta, ...) -> SteerResult   any block's output

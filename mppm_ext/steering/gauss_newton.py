@@ -60,7 +60,7 @@ class SteerResult:
         steps: [B] int64, Gauss-Newton steps the row took.
         kinetic_before, kinetic_after: [B] float64, K = 0.5 ||h - h_prev||^2 of the step into the steered
             state before and after steering; log_energy_before, log_energy_after: [B, m] float64,
-            log K + s of each target (science.md's product energy with that target as the next token).
+            log K + s of each target (the product energy of docs/definitions.md, with that target as the next token).
             Only when ``previous`` (h_prev) is given to :func:`mppm_ext.steer_step`, else None.
     """
 
