@@ -10,7 +10,7 @@ Public API:
 
 from ._dispatch import BackendUnavailableError
 from .from_hidden import energy_from_hidden
-from .ops import energy
+from .from_logits import energy
 from .steering import SteerResult, steer_step
 from .results import STAT_QUANTITIES, TOKEN_QUANTITIES, EnergyResult, EnergyStats
 

@@ -5,6 +5,7 @@ variable ``MPPM_EXT_IMPL`` replaces ``"auto"`` for whole runs."""
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -35,6 +36,11 @@ def compiled():
     if module is None:
         raise BackendUnavailableError(reason)
     return module
+
+
+def compiled_or_none():
+    """The compiled module, or None where it is missing (the callers have a fallback)."""
+    return _compiled_module()[0]
 
 
 def cpp_reason(device: torch.device) -> Optional[str]:
@@ -103,6 +109,22 @@ def choose(op: str, impl: str, reasons: dict[str, Callable[[], Optional[str]]]) 
     for name in candidates:
         why = reasons[name]() if name in reasons else f"{op} has no {name} backend"
         if why is None:
+            if name == "reference" and impl == "auto":
+                _warn_if_uncompiled()
             return name
         skipped.append(f"{name}: {why}")
     raise BackendUnavailableError(f"{op}: no backend can run these inputs (" + "; ".join(skipped) + ")")
+
+
+_warned_uncompiled = False
+
+
+def _warn_if_uncompiled() -> None:
+    """``impl="auto"`` fell back to the reference backend: when that is because the compiled module is
+    missing (typically Python started in the source tree, which imports it instead of the installed
+    package), say so once per process — the reference is 3-10x slower and holds [B, T, V] temporaries."""
+    global _warned_uncompiled
+    reason = _compiled_module()[1]
+    if reason is not None and not _warned_uncompiled:
+        _warned_uncompiled = True
+        warnings.warn(f"mppm_ext is running its slow reference backend: {reason}", RuntimeWarning, stacklevel=4)

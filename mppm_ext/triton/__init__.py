@@ -1,6 +1,6 @@
 """Triton kernels (optional: nothing here imports triton until a kernel is asked for).
 
-One op per module, each kernel ``_<op>_kernel`` next to the function that launches it:
+One family of kernels per module, each kernel ``_<op>_kernel`` next to the function that launches it:
     energy.energy_parts                 log p_t and K_t from logits and hidden states
     linear.token_log_prob_from_hidden   log softmax(h W^T + b)[target] without the [N, V] logits
     linear.softmax_moments              logsumexp and W^T softmax(W h + b) in one pass over W

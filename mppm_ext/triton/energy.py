@@ -2,8 +2,8 @@
 
 Each program streams its logits row once: an online logsumexp (running max in fp32, running sum of
 fp32 tile sums in fp64) plus one load of the target logit, then the step from state t-1 into state t.
-The O(B*T) rest of ``energy`` (per-token quantities, per-sequence statistics) is finished in float64
-by ``reference.energy_from_parts``.
+The O(B*T) rest of ``energy`` (per-token quantities, per-sequence statistics) is the package's one
+compiled finish (:func:`mppm_ext.parts.finish`).
 """
 
 from __future__ import annotations
@@ -111,12 +111,12 @@ def energy_parts(hidden: Tensor, logits: Tensor, tokens: Tensor, real: Tensor) -
         logits: ``[B, T, V]`` float32, bfloat16 or float16, unit stride along V; ``logits[:, t]``
             predicts token t+1.
         tokens: ``[B, T]`` int32 or int64; ids of real tokens lie in ``[0, V)`` (the caller checks).
-        real: ``[B, T]`` bool, the tokens that take part (``reference.real_tokens``).
+        real: ``[B, T]`` bool, the tokens that take part (:func:`mppm_ext.parts.real_tokens`).
 
     Returns:
         ``(log_prob, kinetic)``, both ``[B, T]`` float64: log softmax(logits[b, t])[tokens[b, t+1]]
         where tokens t and t+1 are real, and 0.5 * ||hidden[b, t] - hidden[b, t-1]||^2 where tokens
-        t-1 and t are real; NaN elsewhere (as ``reference.token_log_prob`` / ``reference.kinetic``).
+        t-1 and t are real; NaN elsewhere.
         A used row holding NaN or inf gives a non-finite value there; the caller raises.
     """
     B, T, D = hidden.shape
