@@ -65,40 +65,41 @@ def unit_last_stride(x: Tensor) -> Tensor:
     return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
-def used_positions(real: Tensor) -> tuple[Tensor, Tensor]:
-    """``(scored [B, T-1], used [B, T])``: positions whose log-prob is defined (t and t+1 real), and every
-    position whose state some output reads (a scored position, or either end of a defined step)."""
-    scored = real[:, :-1] & real[:, 1:]
-    used = torch.zeros_like(real)
-    used[:, :-1] |= scored
-    used[:, 1:] |= scored  # a step t-1 -> t is defined exactly where position t-1 is scored
-    return scored, used
+def finite_rows(x: Tensor, rows: Tensor, name: str, what: str = "", extra: str = "") -> None:
+    """The rows of ``x`` ([B, T, n], or [B, T] values) selected by the bool ``rows`` ([B, T]) hold no NaN or
+    inf; the message names the first offending (batch, position), as the compiled kernels do."""
+    first_at(rows & ~torch.isfinite(x).all(-1), name, what, extra)
 
 
-def finite_positions(x: Tensor, rows: Tensor, name: str) -> None:
-    """The rows of ``x`` ([B, T, n]) selected by the bool ``rows`` ([B, T]) hold no NaN or inf; the
-    message names the first offending (batch, position)."""
-    if not has_data(x):
-        return
-    bad = rows & ~torch.isfinite(x).all(dim=-1)
+def first_at(bad: Tensor, name: str, what: str = "", extra: str = "") -> None:
+    """Raise ValueError naming the first (batch, position) where the ``[B, T]`` bool ``bad`` holds."""
     if bool(bad.any()):
         b, t = bad.nonzero()[0].tolist()
-        raise ValueError(f"{name} holds NaN or inf at batch {b}, position {t}")
+        raise ValueError(f"{name} holds NaN or inf {what + ' ' if what else ''}at batch {b}, position {t}{extra}")
 
 
-def finite_parts(log_prob: Tensor, kin: Tensor, real: Tensor) -> None:
-    """Raise for a used position where a kernel found NaN or inf, with the messages of the compiled
-    kernels: ``log_prob`` and ``kin`` are ``[B, T]`` parts (``reference.token_log_prob`` /
-    ``reference.kinetic`` layout) that are non-finite where a used logits row or hidden state is."""
-    steps = real[:, 1:] & real[:, :-1]
-    for part, used, name, what, offset in ((log_prob[:, :-1], steps, "logits", "in the row", 0),
-                                            (kin[:, 1:], steps, "hidden", "in the step into", 1)):
-        bad = used & ~torch.isfinite(part)
-        if bool(bad.any()):
-            b, t = bad.nonzero()[0].tolist()
-            where = f" at batch {b}, position {t + offset}"
-            extra = " (the state there or one position before)" if name == "hidden" else ""
-            raise ValueError(f"{name} holds NaN or inf {what}{where}{extra}")
+#: How a non-finite part is reported: (plane, bit name, argument, where, extra).
+_PART_MESSAGES = ((0, "DEFINED_LOG_PROB", "logits", "in the row", ""),
+                  (1, "DEFINED_KINETIC", "hidden", "in the step into", " (the state there or one position before)"))
+
+
+def _part_faults(parts):
+    from . import parts as p
+
+    return [(((parts.defined & getattr(p, bit)) != 0) & ~torch.isfinite(parts.planes[plane]), name, what, extra)
+            for plane, bit, name, what, extra in _PART_MESSAGES]
+
+
+def non_finite_parts(parts) -> list[Tensor]:
+    """0-d bool tensors (on the parts' device, not read back): a defined log p, a defined K is NaN or inf."""
+    return [bad.any() for bad, *_ in _part_faults(parts)]
+
+
+def finite_parts(parts) -> None:
+    """Raise for a defined part that is NaN or inf (a used logits row or hidden state held NaN or inf),
+    with the messages of the compiled kernels; ``parts`` is a :class:`mppm_ext.parts.Parts`."""
+    for bad, name, what, extra in _part_faults(parts):
+        first_at(bad, name, what, extra)
 
 
 @dataclass(frozen=True)

@@ -10,26 +10,11 @@ import torch
 from torch import Tensor
 
 from . import _validate as check
-from . import reference, streaming
+from . import streaming
 from ._dispatch import backend_reasons, choose
-from .results import EnergyResult, to_float32
-
-#: Elements of one float64 block of state differences in the kinetic pass (16 MiB): the states are
-#: differenced a few positions at a time instead of converting all of ``[B, T, d]`` to float64.
-KINETIC_BLOCK = 1 << 21
-
-
-def _kinetic(states: Tensor, real: Tensor) -> Tensor:
-    """:func:`mppm_ext.reference.kinetic` in float64, a block of positions at a time."""
-    B, T, d = states.shape
-    out = torch.full((B, T), float("nan"), dtype=torch.float64, device=states.device)
-    step = max(1, KINETIC_BLOCK // (B * d))
-    for t0 in range(1, T, step):
-        t1 = min(T, t0 + step)
-        diff = states[:, t0:t1].double() - states[:, t0 - 1:t1 - 1].double()
-        out[:, t0:t1] = 0.5 * (diff * diff).sum(-1)
-    out[:, 1:] = torch.where(real[:, 1:] & real[:, :-1], out[:, 1:], float("nan"))
-    return out
+from .kinetic import kinetic
+from .parts import DEFINED_LOG_PROB, Parts, defined_bits, finish, real_tokens
+from .results import EnergyResult
 
 
 def energy_from_hidden(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = None,
@@ -80,8 +65,8 @@ def energy_from_hidden(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: 
     check.float_dtypes(impl == "reference", hidden=hidden, weight=weight, bias=bias)
     B, T, _ = hidden.shape
     if not check.has_data(hidden):  # meta tensors: shapes only
-        part = torch.empty(B, T, dtype=torch.float64, device=device)
-        result = to_float32(reference.energy_from_parts(part, part))
+        result = finish(Parts(torch.empty(2, B, T, dtype=torch.float64, device=device),
+                              torch.empty(B, T, dtype=torch.uint8, device=device)))
     else:
         with torch.no_grad():
             result = _energy_from_hidden(hidden, weight, tokens, bias, norm, kinetic_state, args.mask,
@@ -90,35 +75,52 @@ def energy_from_hidden(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: 
 
 
 def _energy_from_hidden(hidden, weight, tokens, bias, norm, kinetic_state, mask, ignore_index, impl) -> EnergyResult:
-    real = reference.real_tokens(tokens, mask, ignore_index)
-    check.token_range(tokens, real, weight.shape[0])
-    scored, used = check.used_positions(real)
-    check.finite_positions(hidden, used, "hidden")
-    if bias is not None:
-        check.finite(bias, "bias")
+    real = real_tokens(tokens, mask, ignore_index)
+    parts_bits = defined_bits(real)
     post = hidden if norm is None else norm(hidden)
-    if norm is not None:
-        if not isinstance(post, Tensor) or post.shape != hidden.shape:
-            raise ValueError(f"norm(hidden) must return a tensor of hidden's shape {tuple(hidden.shape)}, got "
-                             f"{tuple(post.shape) if isinstance(post, Tensor) else type(post).__name__}")
-        check.finite_positions(post, used, "norm(hidden)")
+    if norm is not None and (not isinstance(post, Tensor) or post.shape != hidden.shape):
+        raise ValueError(f"norm(hidden) must return a tensor of hidden's shape {tuple(hidden.shape)}, got "
+                         f"{tuple(post.shape) if isinstance(post, Tensor) else type(post).__name__}")
+    B, T, d = hidden.shape
+    V = weight.shape[0]
+    scored = (parts_bits[:, :-1] & DEFINED_LOG_PROB) != 0  # [B, T-1]
+    # Every position goes through the pass, the ones that are not scored as zero rows with target 0:
+    # selecting the scored rows would read the mask back to the host (a synchronisation) for what is,
+    # in scans and batches, a few padded positions' worth of GEMM.
+    rows = torch.where(scored.unsqueeze(-1), post[:, :-1], 0).reshape(-1, d)
+    targets = torch.where(scored, tokens[:, 1:], 0).long().clamp(0, V - 1).reshape(-1)
+    picked, bad_rows = streaming.log_prob_pass(impl, rows, weight, bias, targets.contiguous())
+    log_prob = torch.zeros(B, T, dtype=torch.float64, device=hidden.device)
+    log_prob[:, :-1] = picked.view(B, T - 1)
+    kin = kinetic(hidden if kinetic_state == "pre" else post, real)
 
-    log_prob = torch.full(tuple(tokens.shape), float("nan"), dtype=torch.float64, device=hidden.device)
-    if bool(scored.any()):
-        rows = post[:, :-1][scored]  # [N, d]: only the positions that are scored are multiplied
-        targets = tokens[:, 1:][scored].long()
-        # The states were checked above, so a non-finite logit comes from weight or is a float32 overflow.
-        # weight is scanned only then: up front, its V*d elements cost about a third of a CPU call
-        # (N = 512, V = 50257, d = 768), and the pass finds every non-finite logit anyway.
-        try:
-            picked = streaming.token_log_prob_from_hidden(rows, weight, bias, targets, impl=impl)
-            bad_row = None if bool(torch.isfinite(picked).all()) else int((~torch.isfinite(picked)).nonzero()[0, 0])
-        except streaming.NonFiniteLogitsError as exc:
-            bad_row = exc.row
-        if bad_row is not None:
-            check.finite(weight, "weight")
-            b, t = scored.nonzero()[bad_row].tolist()
-            raise ValueError(f"the logits at batch {b}, position {t} overflow float32 (hidden or weight too large)")
-        log_prob[:, :-1][scored] = picked
-    kin = _kinetic(hidden if kinetic_state == "pre" else post, real)
-    return to_float32(reference.energy_from_parts(log_prob, kin))
+    # Every data check of the call in one read-back: ids, the states some output reads, bias, the logits.
+    used = parts_bits != 0  # the states some output reads: a scored position or either end of a step
+    faults = torch.stack([
+        (real & ((tokens < 0) | (tokens >= V))).any(),
+        (used & ~torch.isfinite(hidden).all(-1)).any(),
+        (used & ~torch.isfinite(post).all(-1)).any() if norm is not None else torch.zeros((), dtype=torch.bool,
+                                                                                           device=hidden.device),
+        ~torch.isfinite(bias).all() if bias is not None else torch.zeros((), dtype=torch.bool, device=hidden.device),
+        (scored & bad_rows.view(B, T - 1)).any(),
+    ])
+    if bool(faults.any()):
+        _raise_first(faults.tolist(), tokens, real, used, hidden, post, bias, weight, scored, bad_rows.view(B, T - 1))
+    return finish(Parts(torch.stack([log_prob, kin]), parts_bits))
+
+
+def _raise_first(faults, tokens, real, used, hidden, post, bias, weight, scored, bad_rows) -> None:
+    """The error path: name the first fault, in the order ids, hidden, norm(hidden), bias, logits."""
+    token_bad, hidden_bad, post_bad, bias_bad, _ = faults
+    if token_bad:
+        check.token_range(tokens, real, weight.shape[0])
+    if hidden_bad:
+        check.finite_rows(hidden, used, "hidden")
+    if bias_bad:
+        check.finite(bias, "bias")
+    if post_bad:
+        check.finite_rows(post, used, "norm(hidden)")
+    # The states were finite, so a non-finite logit comes from weight or is a float32 overflow.
+    check.finite(weight, "weight")
+    b, t = (scored & bad_rows).nonzero()[0].tolist()
+    raise ValueError(f"the logits at batch {b}, position {t} overflow float32 (hidden or weight too large)")

@@ -28,6 +28,7 @@ from torch import Tensor
 from . import _validate as check
 from ._dispatch import backend_reasons, choose
 
+
 @dataclass(frozen=True)
 class Budget:
     """Tile bounds for one device type, in elements."""
@@ -123,6 +124,7 @@ class _Stream:
     lse: Tensor  # [N] float64
     picked: Optional[Tensor]  # [N] float64: the target logits
     wbar: Optional[Tensor]  # [N, d] (float32, float64 for float64 inputs), normalised
+    bad: Tensor  # [N] bool: the row's logits hold NaN or inf
 
 
 def _stream(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Optional[Tensor], moments: bool,
@@ -130,7 +132,7 @@ def _stream(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Opt
     """One pass over ``weight`` in vocabulary chunks (outer) and row blocks (inner), folding every tile
     with ``fold`` (the torch or compiled ``softmax_tile``). Extra memory: ``hidden`` converted to the
     compute dtype and ``wbar`` (O(N*d)), plus one converted vocabulary chunk and one tile (bounded by
-    BUDGETS); every state vector is O(N)."""
+    BUDGETS); every state vector is O(N). Nothing in the loop reads device data back to the host."""
     dt = _compute_dtype(hidden, weight)
     n, d = hidden.shape
     v = weight.shape[0]
@@ -158,10 +160,9 @@ def _stream(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Opt
                  None if picked is None else picked[rows], None if alpha is None else alpha[rows])
             if moments:
                 wbar[rows].mul_(alpha[rows].unsqueeze(1)).addmm_(z, w_dt)
-    _raise_if_non_finite(bad_col)
     if moments:
         wbar.div_(run_sum.to(dt).unsqueeze(1))
-    return _Stream(run_max + torch.log(run_sum), picked, wbar)
+    return _Stream(run_max + torch.log(run_sum), picked, wbar, bad_col >= 0)
 
 
 class NonFiniteLogitsError(ValueError):
@@ -173,43 +174,61 @@ class NonFiniteLogitsError(ValueError):
         self.row, self.column = row, column
 
 
-def _raise_if_non_finite(bad_col: Tensor) -> None:
-    bad = bad_col >= 0
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise NonFiniteLogitsError(row, int(bad_col[row]))
+def non_finite_logits(bad: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> NonFiniteLogitsError:
+    """The error for the first row flagged in ``bad`` ([N] bool, known to hold a True): that row's logits
+    are recomputed (one row, on this error path only) to name the vocabulary entry."""
+    row = int(bad.nonzero()[0, 0])
+    dt = _compute_dtype(hidden, weight)
+    z = weight.to(dt) @ hidden[row].to(dt) + (0 if bias is None else bias.to(dt))
+    found = (~torch.isfinite(z)).nonzero()
+    # A tile's product may round differently from this one (another summation order, TF32): where the
+    # recomputed row is finite, its largest logit is the one that overflowed.
+    column = int(found[0, 0]) if found.numel() else int(z.abs().argmax())
+    return NonFiniteLogitsError(row, column)
 
 
-def _raise_for_non_finite_rows(per_row: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
-    """The Triton kernels only leave a non-finite per-row result behind; on that (error) path the first
-    such row's logits are recomputed, one row, to name the vocabulary entry as the other backends do."""
-    bad = ~torch.isfinite(per_row)
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        z = weight.float() @ hidden[row].float() + (0 if bias is None else bias.float())
-        raise NonFiniteLogitsError(row, int((~torch.isfinite(z)).nonzero()[0, 0]))
+def _fold(impl: str) -> Callable[..., None]:
+    return _fold_torch if impl == "reference" else _fold_compiled
 
 
-def _token_log_prob(impl: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
+def log_prob_pass(impl: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                  targets: Tensor) -> tuple[Tensor, Tensor]:
+    """The streaming pass behind :func:`token_log_prob_from_hidden`, on checked inputs with the backend
+    already chosen (no validation, no dispatch, no host synchronisation).
+
+    Args:
+        impl: a backend name that :func:`mppm_ext._dispatch.choose` returned.
+        hidden ``[N, d]``, weight ``[V, d]``, bias ``[V]`` or None, targets ``[N]`` int64 in ``[0, V)``.
+
+    Returns:
+        ``(log_prob [N] float64, bad [N] bool)``: ``bad`` flags rows whose logits hold NaN or inf
+        (their log_prob is meaningless).
+    """
     if impl == "triton":
         from .triton import linear
 
         log_prob = linear.token_log_prob_from_hidden(hidden, weight, bias, targets)
-        _raise_for_non_finite_rows(log_prob, hidden, weight, bias)
-        return log_prob
-    s = _stream(hidden, weight, bias, targets, moments=False, fold=_fold_torch if impl == "reference" else _fold_compiled)
-    return s.picked - s.lse
+        return log_prob, ~torch.isfinite(log_prob)
+    s = _stream(hidden, weight, bias, targets, moments=False, fold=_fold(impl))
+    return s.picked - s.lse, s.bad
 
 
-def _softmax_moments(impl: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def moments_pass(impl: str, hidden: Tensor, weight: Tensor,
+                 bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The streaming pass behind :func:`softmax_moments`, on checked inputs with the backend already
+    chosen (no validation, no dispatch, no host synchronisation: the steering solver calls it once per
+    Gauss-Newton evaluation).
+
+    Returns:
+        ``(lse [B] float64, wbar [B, d] float32, bad [B] bool)``, ``bad`` as in :func:`log_prob_pass`.
+    """
     if impl == "triton":
         from .triton import linear
 
         lse, wbar = linear.softmax_moments(hidden, weight, bias)
-        _raise_for_non_finite_rows(lse, hidden, weight, bias)
-        return lse, wbar
-    s = _stream(hidden, weight, bias, None, moments=True, fold=_fold_torch if impl == "reference" else _fold_compiled)
-    return s.lse, s.wbar.float()
+        return lse, wbar, ~(torch.isfinite(lse) & torch.isfinite(wbar).all(-1))
+    s = _stream(hidden, weight, bias, None, moments=True, fold=_fold(impl))
+    return s.lse, s.wbar.float(), s.bad
 
 
 # ---------------------------------------------------------------------------------------------- public
@@ -242,11 +261,17 @@ def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Te
     check.index_dtype(targets, "targets")
     impl = choose("token_log_prob_from_hidden", impl, backend_reasons(device, impl))
     check.float_dtypes(impl == "reference", hidden=hidden, weight=weight, bias=bias)
-    check.token_range(targets, torch.ones_like(targets, dtype=torch.bool), weight.shape[0], "targets")
-    targets = targets.long()
     if hidden.shape[0] == 0 or not check.has_data(hidden):  # nothing to compute, or shapes only (meta)
         return torch.zeros(hidden.shape[0], dtype=torch.float64, device=device)
-    return _token_log_prob(impl, hidden, weight, bias, targets.contiguous())
+    V = weight.shape[0]
+    outside = (targets < 0) | (targets >= V)
+    # Out-of-range ids are clamped for the pass and reported after it, so that the call reads device data
+    # back once (the two checks share one synchronisation).
+    log_prob, bad = log_prob_pass(impl, hidden, weight, bias, targets.long().clamp(0, V - 1).contiguous())
+    if bool(torch.stack([outside.any(), bad.any()]).any()):
+        check.token_range(targets, torch.ones_like(outside), V, "targets")
+        raise non_finite_logits(bad, hidden, weight, bias)
+    return log_prob
 
 
 def softmax_moments(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], *,
@@ -274,7 +299,11 @@ def softmax_moments(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], *,
     if hidden.shape[0] == 0 or not check.has_data(hidden):  # nothing to compute, or shapes only (meta)
         return (torch.zeros(hidden.shape[0], dtype=torch.float64, device=device),
                 torch.zeros(hidden.shape, dtype=torch.float32, device=device))
-    return _softmax_moments(impl, hidden, weight, bias)
+    lse, wbar, bad = moments_pass(impl, hidden, weight, bias)
+    if bool(bad.any()):
+        raise non_finite_logits(bad, hidden, weight, bias)
+    return lse, wbar
 
 
-__all__ = ["token_log_prob_from_hidden", "softmax_moments", "NonFiniteLogitsError", "tiling", "Tiling", "Budget", "BUDGETS"]
+__all__ = ["token_log_prob_from_hidden", "softmax_moments", "log_prob_pass", "moments_pass", "NonFiniteLogitsError",
+           "non_finite_logits", "tiling", "Tiling", "Budget", "BUDGETS"]

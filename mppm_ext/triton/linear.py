@@ -149,20 +149,8 @@ def _token_log_prob_combine_kernel(m_ptr, s_ptr, picked_ptr, out_ptr, N,
 
 
 def _operands(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
-    """Checked operands with unit last strides (the tiles are loaded along d), and the compute dtype."""
-    floats = (torch.float32, torch.bfloat16, torch.float16)
-    named = {"hidden": hidden, "weight": weight, "bias": bias}
-    for name, t in named.items():
-        if t is not None and (not isinstance(t, Tensor) or t.dtype not in floats):
-            raise TypeError(f"{name} must be a float32, bfloat16 or float16 tensor, got "
-                            f"{getattr(t, 'dtype', type(t).__name__)}")
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or 0 in weight.shape:
-        raise ValueError(f"hidden must be [N, d] and weight [V, d] with V, d >= 1; got hidden {tuple(hidden.shape)} "
-                         f"and weight {tuple(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-    if len({t.device for t in named.values() if t is not None}) != 1:
-        raise ValueError("hidden, weight and bias must be on one device")
+    """Operands with unit last strides (the tiles are loaded along d), and the compute dtype. The public
+    functions of mppm_ext.streaming have checked types, shapes, dtypes and devices."""
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     compute = compute_dtype(hidden, weight)
@@ -187,11 +175,6 @@ def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Te
     hidden, weight, bias, compute = _operands(hidden, weight, bias)
     N, D = hidden.shape
     V = weight.shape[0]
-    if not isinstance(targets, Tensor) or targets.shape != (N,) or targets.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"targets must be an int32 or int64 [N] = [{N}] tensor, got "
-                         f"{getattr(targets, 'dtype', type(targets).__name__)} {tuple(getattr(targets, 'shape', ()))}")
-    if targets.device != hidden.device:
-        raise ValueError(f"targets must be on hidden's device {hidden.device}, got {targets.device}")
     cfg = _config(N, V, compute)
     splits = cfg["splits"]
     m = torch.empty(splits, N, dtype=torch.float32, device=hidden.device)
