@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 import mppm_ext
 from helpers import assert_close
 from mppm_ext import reference
+from mppm_ext import ops
 from mppm_ext.steering import cg
 from steer_helpers import log_prob64, steer_inputs, streaming_backends
 
@@ -196,11 +197,11 @@ def test_cg_solve_op_opcheck_and_compile():
     g = torch.Generator().manual_seed(4)
     rows, c, rhs = torch.randn(3, 4, 9, generator=g), torch.randn(3, 9, generator=g), torch.randn(3, 4, generator=g)
     args = (rows, c, rhs.double(), 0.1, 1e-10, 20)
-    torch.library.opcheck(cg.cg_solve_op, args)
-    torch.library.opcheck(cg.cg_solve_op, (rows, None, rhs.double(), 0.0, 1e-10, 20))
+    torch.library.opcheck(ops.cg_solve_op, args)
+    torch.library.opcheck(ops.cg_solve_op, (rows, None, rhs.double(), 0.0, 1e-10, 20))
     # backend="eager": fullgraph checks that dynamo captures the opaque op; inductor would add only compile time
-    compiled = torch.compile(lambda *a: cg.cg_solve_op(*a), fullgraph=True, backend="eager")
-    for a, b in zip(compiled(*args), cg.cg_solve_op(*args)):
+    compiled = torch.compile(lambda *a: ops.cg_solve_op(*a), fullgraph=True, backend="eager")
+    for a, b in zip(compiled(*args), ops.cg_solve_op(*args)):
         assert torch.equal(a, b)
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 import mppm_ext
-from mppm_ext import reference
+from mppm_ext.kinetic import kinetic
 
 from .token_mean import TokenMeans
 from .windows import Batch
@@ -114,10 +114,10 @@ def batch_parts(handle: ModelHandle, batch: Batch, plan: StatePlan) -> BatchPart
         base = mppm_ext.energy_from_hidden(post, handle.weight, ids, bias=handle.bias, attention_mask=mask)
         log_prob = base.log_prob.double().cpu()
         parts = {BASE: (log_prob, base.kinetic.double().cpu())}
-        real = (mask != 0).cpu()
+        real = mask != 0
 
         def moved(state: Tensor) -> tuple[Tensor, Tensor]:
-            return log_prob, reference.kinetic(state.double().cpu(), real)
+            return log_prob, kinetic(state.to(real.device), real).cpu()
 
         if pre is not None:
             parts[PRE_NORM] = moved(pre)

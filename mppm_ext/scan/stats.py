@@ -1,6 +1,6 @@
 """Corpus statistics from the per-token parts of many windows, in float64.
 
-Two aggregates, always both (science.md asks to say which): *pooled* treats every used position of every
+Two aggregates, always both (docs/definitions.md asks to say which): *pooled* treats every used position of every
 window as one sample; *per-sequence* computes each window's figure and averages over the windows that have
 at least two used positions. A position is used where the energy is defined and K > 0 (zero steps are
 counted in ``zero_kinetic``)."""
@@ -13,10 +13,11 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from mppm_ext import STAT_QUANTITIES, reference
+from mppm_ext import STAT_QUANTITIES
+from mppm_ext.parts import Parts, finish
 from mppm_ext.results import EnergyResult
 
-#: The two pairings of science.md: the step into state t with the surprisal of state t ("same"), or
+#: The two pairings of docs/definitions.md: the step into state t with the surprisal of state t ("same"), or
 #: with the surprisal of the token x_t that caused it, s_{t-1} ("shifted").
 PAIRINGS = ("same", "shifted")
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
@@ -24,21 +25,22 @@ HISTOGRAM_BINS = 40
 
 
 def paired(log_prob: Tensor, kinetic: Tensor, pairing: str) -> EnergyResult:
-    """Every quantity from the parts ``[N, T]`` float64 under ``pairing``."""
+    """Every quantity from the parts ``[N, T]`` float64 (NaN where undefined) under ``pairing``, by the
+    package's compiled finish (per-token quantities float32, per-window statistics from float64)."""
     if pairing == "shifted":
         shifted = torch.full_like(log_prob, float("nan"))
         shifted[:, 1:] = log_prob[:, :-1]
         log_prob = shifted
     elif pairing != "same":
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
-    return reference.energy_from_parts(log_prob, kinetic)
+    return finish(Parts.where_not_nan(log_prob, kinetic))
 
 
 def pooled_values(result: EnergyResult) -> dict[str, Tensor]:
     """Each STAT_QUANTITIES name -> 1-D float64 tensor of its values at the used positions."""
     used = result.valid & (result.kinetic > 0)
-    values = {name: getattr(result, name)[used] for name in STAT_QUANTITIES if name != "ppl"}
-    values["ppl"] = torch.exp(result.surprisal[used])
+    values = {name: getattr(result, name)[used].double() for name in STAT_QUANTITIES if name != "ppl"}
+    values["ppl"] = torch.exp(result.surprisal[used].double())
     return values
 
 

@@ -63,23 +63,14 @@ def targets_and_delta(targets, delta, B: int, vocab: int) -> int:
 
 def steer_inputs(hidden, weight, targets, delta, bias, lam, tol, max_iter, newton_steps, gain_tol,
                  max_step) -> SteerInputs:
-    hidden, weight = check.tensor(hidden, "hidden"), check.tensor(weight, "weight")
+    hidden = check.tensor(hidden, "hidden")
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [B, d] (one state per row to steer), got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be the [V, d] unembedding, got shape {tuple(weight.shape)}")
     B, d = hidden.shape
-    V = weight.shape[0]
     if B == 0:
         raise ValueError("the batch is empty (B = 0)")
-    if d == 0 or V == 0:
-        raise ValueError(f"hidden size d and vocabulary V must be >= 1, got d={d}, V={V}")
-    if weight.shape[1] != d:
-        raise ValueError(f"weight must be [V, d] with d = hidden.shape[1] = {d}, got shape {tuple(weight.shape)}")
-    if bias is not None:
-        bias = check.tensor(bias, "bias")
-        if tuple(bias.shape) != (V,):
-            raise ValueError(f"bias must be [V] = [{V}], got shape {tuple(bias.shape)}")
+    check.unembedding(weight, bias, d)
+    V = weight.shape[0]
     for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
         if t is not None and not t.is_floating_point():
             raise TypeError(f"{name} has dtype {t.dtype}; expected a floating dtype")

@@ -17,9 +17,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.utils.dlpack import to_dlpack
-
-from .._dispatch import compiled
 
 
 @dataclass(frozen=True)
@@ -56,7 +53,8 @@ def _normal_matvec(rows, center, lam, p):
 def cg_torch(rows: Tensor, center: Optional[Tensor], rhs: Tensor, lam: float, tol: float, max_iter: int) -> CGResult:
     """The reference CG, in float64 on rows' device. Rows stop updating once their relative residual
     is <= tol; a row whose search direction has p^T A p <= 0 (A singular along it, lam = 0) stops
-    there, not converged."""
+    there, not converged. Always ``max_iter`` iterations, finished rows masked: stopping early would read
+    the residuals back to the host every iteration (a synchronisation per iteration on a GPU)."""
     rows = rows.double()
     center = None if center is None else center.double()
     b = rhs.double()
@@ -69,8 +67,6 @@ def cg_torch(rows: Tensor, center: Optional[Tensor], rhs: Tensor, lam: float, to
     iters = torch.zeros(B, dtype=torch.int64, device=b.device)
     active = rr.sqrt() > tol * b_norm
     for _ in range(max_iter):
-        if not bool(active.any()):
-            break
         ap = _normal_matvec(rows, center, lam, p)
         pap = (p * ap).sum(-1)
         active = active & (pap > 0)
@@ -102,67 +98,34 @@ def closed_form(rows: Tensor, center: Optional[Tensor], rhs: Tensor, lam: float,
     return CGResult(u, zeros, residual, residual <= tol)
 
 
-def _cg_outputs(rows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    B, m, _ = rows.shape
-    dev = rows.device
-    return (torch.empty(B, m, dtype=torch.float64, device=dev), torch.empty(B, dtype=torch.int64, device=dev),
-            torch.empty(B, dtype=torch.float64, device=dev), torch.empty(B, dtype=torch.uint8, device=dev))
-
-
-def _launch_cg(rows, center, rhs, lam, tol, max_iter, stream):
-    B, m, d = rows.shape
-    out = _cg_outputs(rows)
-    scratch = torch.empty(B, d + 3 * m, dtype=torch.float64, device=rows.device)
-    compiled().cg_solve(to_dlpack(rows), None if center is None else to_dlpack(center), to_dlpack(rhs),
-                        float(lam), float(tol), int(max_iter), *(to_dlpack(t) for t in out), to_dlpack(scratch),
-                        torch.get_num_threads(), stream)
-    return out
-
-
-@torch.library.custom_op("mppm_ext::cg_solve", mutates_args=(), device_types="cpu")
-def cg_solve_op(rows: Tensor, center: Optional[Tensor], rhs: Tensor, lam: float, tol: float,
-                max_iter: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Packed compiled CG: ``(u [B, m] f64, iters [B] i64, residual [B] f64, converged [B] u8)`` from
-    rows [B, m, d] f32, center [B, d] f32 or None, rhs [B, m] f64 (all contiguous)."""
-    return _launch_cg(rows, center, rhs, lam, tol, max_iter, stream=0)
-
-
-@cg_solve_op.register_kernel("cuda")
-def _cg_solve_cuda(rows, center, rhs, lam, tol, max_iter):
-    return _launch_cg(rows, center, rhs, lam, tol, max_iter, stream=torch.cuda.current_stream(rows.device).cuda_stream)
-
-
-@cg_solve_op.register_fake
-def _cg_solve_fake(rows, center, rhs, lam, tol, max_iter):
-    return _cg_outputs(rows)
-
-
 def cg_compiled(rows: Tensor, center: Optional[Tensor], rhs: Tensor, lam: float, tol: float,
                 max_iter: int) -> CGResult:
     """The C++ (CPU) or CUDA kernel of mppm_ext._C on the device of ``rows``."""
+    from ..ops import cg_solve_op
+
     u, iters, residual, converged = cg_solve_op(rows.float().contiguous(),
                                                 None if center is None else center.float().contiguous(),
                                                 rhs.double().contiguous(), float(lam), float(tol), int(max_iter))
     return CGResult(u, iters, residual, converged.bool())
 
 
-def triton_cg():
-    """``mppm_ext.triton.cg.cg_solve`` (``(G, rhs, lam, tol, max_iter) -> (u, iters, rel_residual)``, G
-    formed as rows - center, m <= its MAX_TARGETS) when this installation has Triton, else None."""
+def triton_reason(m: int) -> Optional[str]:
+    """Why the Triton CG cannot solve systems of ``m`` targets, or None when it can."""
     try:
         from ..triton import cg
-    except ImportError:
-        return None
-    return cg
+    except ImportError as exc:
+        return f"the Triton CG is not importable ({exc})"
+    if m > cg.MAX_TARGETS:
+        return f"the Triton CG holds at most {cg.MAX_TARGETS} targets in registers, got m = {m}"
+    return None
 
 
 def cg_triton(rows: Tensor, center: Optional[Tensor], rhs: Tensor, lam: float, tol: float,
               max_iter: int) -> CGResult:
-    """The Triton kernel: it forms the m x m Gram matrix once, so it takes G explicitly (one [B, m, d]
-    tensor, the size of ``rows``); systems wider than its register tile go to the torch CG."""
-    kernels = triton_cg()
-    if kernels is None or rows.shape[1] > kernels.MAX_TARGETS:
-        return cg_torch(rows, center, rhs, lam, tol, max_iter)
+    """The Triton kernel (m <= its MAX_TARGETS, checked when the backend was chosen): it forms the m x m
+    Gram matrix once, so it takes G explicitly (one [B, m, d] tensor, the size of ``rows``)."""
+    from ..triton import cg as kernels
+
     g = rows.float() if center is None else rows.float() - center.float().unsqueeze(1)
     u, iters, residual = kernels.cg_solve(g, rhs, lam, tol, max_iter)
     residual = residual.double()

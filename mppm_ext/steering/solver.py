@@ -1,9 +1,9 @@
-"""Minimal-norm Jacobian steering of the state that feeds the unembedding (shared/design/science.md,
+"""Minimal-norm Jacobian steering of the state that feeds the unembedding (docs/definitions.md,
 "Jacobian steering").
 
 For targets y_1..y_m of one batch row, J has rows g_i = d log p(y_i | h) / dh. For the post-norm state
 x with logits z = W x + b, g_i = W[y_i] - W^T softmax(z): one streaming pass over W
-(:func:`mppm_ext.streaming.softmax_moments`) gives logsumexp(z) and wbar = W^T softmax(z) together, after
+(:func:`mppm_ext.streaming.moments_pass`) gives logsumexp(z) and wbar = W^T softmax(z) together, after
 which J is the gathered rows W[y] minus wbar, O(m d), and the CG iterations never touch W again. With a
 final norm, h is the pre-norm state and J = J_x N'(h): N'^T is applied to W[y] and wbar by one batched
 VJP through the norm alone (O(m d)).
@@ -21,17 +21,11 @@ import torch
 from torch import Tensor
 
 from .. import _validate as check
-from ..streaming import softmax_moments
+from ..kinetic import step_kinetic
+from ..streaming import moments_pass
 from .._dispatch import backend_reasons, choose
-from . import _checks
+from . import _checks, cg
 from .gauss_newton import GaussNewtonOptions, Linearization, SteerResult, gauss_newton
-
-
-def _softmax_moments(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], impl: str) -> tuple[Tensor, Tensor]:
-    lse, wbar = softmax_moments(hidden, weight, bias, impl=impl)
-    if not (bool(torch.isfinite(lse).all()) and bool(torch.isfinite(wbar).all())):
-        raise ValueError("weight or bias holds NaN or inf (the softmax over W h + b is not finite)")
-    return lse, wbar
 
 
 def _norm_fn(norm) -> Callable[[Tensor], Tensor]:
@@ -50,6 +44,9 @@ class FinalStateProblem:
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, norm, impl: str):
         self.hidden = hidden.float()
         self.weight, self.bias, self.targets, self.impl = weight, bias, targets, impl
+        # Whether any evaluation met a non-finite softmax, kept on the device: an evaluation never reads
+        # back to the host; steer_step checks the flag once, after the solve.
+        self.non_finite = torch.zeros((), dtype=torch.bool, device=hidden.device)
         self.norm = None if norm is None else _norm_fn(norm)
         # Gathered once: O(B m d), the only part of W the Jacobian and the CG need.
         self.w_targets = weight[targets].float()
@@ -59,7 +56,8 @@ class FinalStateProblem:
         h = self.hidden + delta_h
         x = h if self.norm is None else self.norm(h)
         x = x.double() if self.weight.dtype == torch.float64 else x
-        lse, wbar = _softmax_moments(x, self.weight, self.bias, self.impl)
+        lse, wbar, bad = moments_pass(self.impl, x, self.weight, self.bias)
+        self.non_finite |= bad.any()
         z_targets = torch.einsum("bmd,bd->bm", self.w_targets.double(), x.double())
         if self.b_targets is not None:
             z_targets = z_targets + self.b_targets
@@ -73,6 +71,15 @@ class FinalStateProblem:
         cot = torch.cat([self.w_targets, wbar[:, None]], dim=1)  # [B, m + 1, d]
         (pulled,) = torch.func.vmap(vjp, in_dims=1, out_dims=1)(cot)
         return pulled[:, :-1], pulled[:, -1]
+
+
+def steer_reasons(device: torch.device, impl: str, m: int) -> dict:
+    """The backend reasons of steer_step: the streaming pass's, and for triton also the CG's (m = 1 uses
+    the closed form on every backend)."""
+    reasons = backend_reasons(device, impl)
+    streaming_triton = reasons["triton"]
+    reasons["triton"] = lambda: streaming_triton() or (cg.triton_reason(m) if m > 1 else None)
+    return reasons
 
 
 def steer_step(hidden: Tensor, weight: Tensor, targets: Tensor, delta: Tensor, *, bias: Optional[Tensor] = None,
@@ -101,7 +108,8 @@ def steer_step(hidden: Tensor, weight: Tensor, targets: Tensor, delta: Tensor, *
         max_iter: CG iterations per Gauss-Newton step (default 2 m + 10; exact arithmetic needs m).
         newton_steps: at most this many Gauss-Newton steps (each one re-linearises).
         impl: "auto" | "cuda" | "triton" | "cpp" | "reference": backend of the streaming pass and of
-            the CG (triton's CG when ``mppm_ext.triton.cg`` exists, else the torch CG).
+            the CG (an explicit "triton" with more targets than the Triton CG holds raises
+            BackendUnavailableError; "auto" then goes on to the next backend).
         gain_tol: a row has converged when every achieved gain is within gain_tol nats of the asked one.
         max_step: trust region: a Gauss-Newton step is at most ``max_step * ||hidden||`` long
             (an undamped step on an infeasible request was seen to reach ||delta_h|| = 1e42).
@@ -119,10 +127,8 @@ def steer_step(hidden: Tensor, weight: Tensor, targets: Tensor, delta: Tensor, *
     args = _checks.steer_inputs(hidden, weight, targets, delta, bias, lam, tol, max_iter, newton_steps,
                                 gain_tol, max_step)
     device = args.device
-    impl = choose("steer_step", impl, backend_reasons(device, impl))
-    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        if t is not None:
-            check.float_dtype(t, name, allow_float64=impl == "reference")
+    impl = choose("steer_step", impl, steer_reasons(device, impl, targets.shape[1]))
+    check.float_dtypes(impl == "reference", hidden=hidden, weight=weight, bias=bias)
     problem = FinalStateProblem(hidden, weight, bias, targets.long(), norm, impl)
     options = GaussNewtonOptions(lam=float(lam), tol=float(tol), max_iter=args.max_iter,
                                  newton_steps=int(newton_steps), gain_tol=float(gain_tol), max_step=float(max_step),
@@ -136,16 +142,16 @@ def steer_step(hidden: Tensor, weight: Tensor, targets: Tensor, delta: Tensor, *
         check.finite(previous, "previous")
     with torch.no_grad():  # no graph to the norm's parameters; torch.func's vjp still differentiates
         result = gauss_newton(problem, problem.hidden, targets.long(), delta.double(), options)
+    if bool(problem.non_finite):
+        raise ValueError("weight or bias holds NaN or inf (the softmax over W h + b is not finite)")
     return result if previous is None else with_energy(result, hidden, previous)
 
 
 def with_energy(result: SteerResult, hidden: Tensor, previous: Tensor) -> SteerResult:
     """``result`` with the kinetic and log energies of the step from ``previous`` into ``hidden``, before
     and after ``result.delta_h`` (float64)."""
-    step = hidden.double() - previous.double()
-    k_before = 0.5 * (step * step).sum(-1)
-    step = step + result.delta_h.double()
-    k_after = 0.5 * (step * step).sum(-1)
+    k_before = step_kinetic(hidden, previous)
+    k_after = step_kinetic(hidden.double() + result.delta_h.double(), previous)
     return dataclasses.replace(result, kinetic_before=k_before, kinetic_after=k_after,
                                log_energy_before=k_before.log()[:, None] + result.surprisal_before,
                                log_energy_after=k_after.log()[:, None] + result.surprisal_after)
