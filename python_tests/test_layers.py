@@ -150,3 +150,11 @@ def test_edit_hook_returning_none_leaves_the_state(tiny):
     finally:
         for h in handles:
             h.remove()
+
+
+def test_resolve_passes_a_layer_ref_through(tiny):
+    model = tiny["random:llama-tiny"].model
+    ref = L.resolve(model, -1)
+    assert L.resolve(model, ref) is ref
+    with pytest.raises(ValueError, match="layer was resolved for a model of 5 blocks; this one has 2"):
+        L.resolve(model, L.LayerRef(1, 5))

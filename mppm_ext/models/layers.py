@@ -55,14 +55,19 @@ def valid_range(num_blocks: int) -> str:
     return f"an int in [{-num_blocks - 1}, {num_blocks}] (this model has {num_blocks} blocks) or {FINAL!r}"
 
 
-def resolve(model: nn.Module, layer: LayerSpec, *, name: str = "layer") -> LayerRef:
-    """``layer`` (int or ``"final"``, see :mod:`mppm_ext.models.layers`) -> :class:`LayerRef` for ``model``.
+def resolve(model: nn.Module, layer: Union[LayerSpec, "LayerRef"], *, name: str = "layer") -> LayerRef:
+    """``layer`` (int or ``"final"``, see :mod:`mppm_ext.models.layers`) -> :class:`LayerRef` for ``model``
+    (a LayerRef of a model with as many blocks passes through).
 
     Raises ValueError naming ``name`` and the valid range for bools, non-integers, other strings and
     out-of-range ints; TypeError when ``model`` is not a Hugging Face causal LM.
     """
     n = len(anatomy.blocks(model))
-    if layer == FINAL and isinstance(layer, str):
+    if isinstance(layer, LayerRef):  # already resolved, possibly for another model
+        if layer.num_blocks != n:
+            raise ValueError(f"{name} was resolved for a model of {layer.num_blocks} blocks; this one has {n}")
+        return layer
+    if isinstance(layer, str) and layer == FINAL:
         return LayerRef(None, n)
     if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not -n - 1 <= layer <= n:
         raise ValueError(f"{name} must be {valid_range(n)}, got {layer!r}")
@@ -82,10 +87,6 @@ def _site(model: nn.Module, ref: LayerRef) -> tuple[nn.Module, bool]:
     return block_list[ref.index - 1], False
 
 
-def _as_ref(model: nn.Module, layer: Union[LayerRef, LayerSpec]) -> LayerRef:
-    return layer if isinstance(layer, LayerRef) else resolve(model, layer)
-
-
 def edit_hook(model: nn.Module, layer: Union[LayerRef, LayerSpec],
               fn: Callable[[Tensor], Optional[Tensor]]) -> RemovableHandle:
     """Register a hook that calls ``fn(state)`` with ``layer``'s state ``[B, T, d]`` (model dtype) at every
@@ -96,7 +97,7 @@ def edit_hook(model: nn.Module, layer: Union[LayerRef, LayerSpec],
     other elements pass through unchanged. An out-of-place ``fn`` (e.g. :func:`add_at`) keeps the forward
     traceable by ``torch.func``.
     """
-    module, is_input = _site(model, _as_ref(model, layer))
+    module, is_input = _site(model, resolve(model, layer))
     if is_input:
         def pre_hook(mod, args, kwargs):
             new = fn(args[0] if args else kwargs["hidden_states"])

@@ -96,9 +96,9 @@ def capture_states(handle: ModelHandle, batch: Batch, plan: StatePlan):
     # and the post-norm state -1, also where the final chain is more than a norm (OPT's project_out).
     pre_layer = (handle.num_blocks,) if plan.pre_norm else ()
     indices = tuple(index for _, index in plan.layers)
-    cap = models.capture(handle.model, ids, mask, layers=(-1,) + pre_layer + indices, logits=False)
+    cap = models.capture(handle.model, ids, mask, layers=("final",) + pre_layer + indices, logits=False)
     pre = cap.hidden[handle.num_blocks] if plan.pre_norm else None
-    return cap.hidden[-1], pre, {name: cap.hidden[index] for name, index in plan.layers}
+    return cap.hidden["final"], pre, {name: cap.hidden[index] for name, index in plan.layers}
 
 
 def batch_parts(handle: ModelHandle, batch: Batch, plan: StatePlan) -> BatchParts:
