@@ -158,3 +158,122 @@ def test_resolve_passes_a_layer_ref_through(tiny):
     assert L.resolve(model, ref) is ref
     with pytest.raises(ValueError, match="layer was resolved for a model of 5 blocks; this one has 2"):
         L.resolve(model, L.LayerRef(1, 5))
+
+
+# -------------------------------------------------------------------- the four consumers agree
+
+
+PROMPT = "Call me Ishmael. Some years ago"
+
+
+def _scan_state(model, ids, spec):
+    from mppm_ext.scan.passes import ModelHandle, StatePlan, capture_states, resolve_layer
+    from mppm_ext.scan.windows import Batch
+
+    plan = StatePlan(layers=(("v", resolve_layer(model, spec)),))
+    post, _, states = capture_states(ModelHandle.of(model), Batch((), ids, torch.ones_like(ids)), plan)
+    return states["v"], post
+
+
+def _steer_layer_state(model, ids, spec, monkeypatch):
+    """(the state steer_layer linearizes at and perturbs [B, d], its log p of the targets with a zero
+    perturbation [B, m], the model's own log p [B, m])."""
+    from mppm_ext.steering import layers as steer_layers
+
+    seen = {}
+
+    def spy(problem, hidden, targets, delta, options):
+        seen["h"], seen["problem"] = hidden, problem
+        return real(problem, hidden, targets, delta, options)
+
+    real = steer_layers.gauss_newton
+    monkeypatch.setattr(steer_layers, "gauss_newton", spy)
+    targets = torch.tensor([[5, 7]]).expand(ids.shape[0], 2)
+    steer_layers.steer_layer(model, ids, spec, targets, torch.full(targets.shape, 0.1), newton_steps=1)
+    zero = torch.zeros(ids.shape[0], seen["h"].shape[-1])
+    with steer_layers.eager_attention(model), torch.no_grad():
+        perturbed = seen["problem"].log_prob(zero)
+        own = torch.log_softmax(_logits(model, ids)[:, -1].float(), -1).gather(-1, targets)
+    return seen["h"], perturbed, own
+
+
+def _generate_state(loaded, spec):
+    """(the state steered_generate's delta function sees at step 0 [B, d], the result's prompt ids,
+    surprisal of the first token, the first token)."""
+    from mppm_ext.steering.generate import _unsteered, steered_generate
+
+    seen = {}
+
+    def zero_delta(ctx):
+        seen["state"] = ctx.state.clone()
+        return _unsteered(ctx.state)
+
+    run = steered_generate(loaded.model, loaded.tokenizer, [PROMPT], targets=None, layer=spec, max_new_tokens=1,
+                           delta_fn=zero_delta)
+    assert torch.equal(run.states[:, 0], seen["state"].float())
+    return seen["state"], run
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("spec", SPECS)
+def test_one_index_one_state_everywhere(tiny, name, spec, monkeypatch):
+    loaded = tiny[name]
+    model = loaded.model
+    state, run = _generate_state(loaded, spec)
+    ids = run.prompt_ids
+    captured = models.capture(model, ids, layers=(spec, "final"))
+    want = captured.hidden[spec]
+    # The scan's state, and its base state "final".
+    scanned, base = _scan_state(model, ids, spec)
+    assert torch.equal(scanned, want)
+    assert torch.equal(base, captured.hidden["final"])
+    # steer_layer: the state it linearizes at is capture's at the position; a zero perturbation there
+    # changes nothing.
+    steered, perturbed, own = _steer_layer_state(model, ids, spec, monkeypatch)
+    torch.testing.assert_close(steered, want[:, -1].float(), rtol=1e-5, atol=1e-6)  # eager vs fused attention
+    assert torch.equal(perturbed, own)
+    # steered_generate: the delta function sees capture's state at the newest position, and its zero δ
+    # leaves the first token's prediction as the model makes it.
+    torch.testing.assert_close(state, want[:, -1], rtol=1e-5, atol=1e-6)
+    log_p = torch.log_softmax(captured.logits[:, -1].double(), -1)
+    assert torch.equal(run.token[:, 0], log_p.argmax(-1))
+    torch.testing.assert_close(run.surprisal[:, 0], -log_p.max(-1).values, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_states_differ(tiny, name):
+    """So that test_one_index_one_state_everywhere fails for a consumer that mixes two indices up."""
+    model = tiny[name].model
+    hidden = models.capture(model, _ids(), layers=(0, 1, 2, "final"), logits=False).hidden
+    states = list(hidden.values())
+    for i, a in enumerate(states):
+        for b in states[i + 1:]:
+            assert a.shape != b.shape or not torch.allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("consumer", ["capture", "scan", "steer_layer", "steered_generate"])
+@pytest.mark.parametrize("bad, shown", [(3, "3"), (-4, "-4"), (True, "True"), (1.5, "1.5"), ("mid", "'mid'")])
+def test_bad_layers_are_refused_everywhere(tiny, consumer, bad, shown):
+    loaded = tiny["random:llama-tiny"]
+    model, ids = loaded.model, _ids(B=1)
+    rng = r"an int in \[-3, 2\] \(this model has 2 blocks\) or 'final'"
+    if consumer == "capture":
+        call, message = lambda: models.capture(model, ids, layers=(bad,)), rf"layers\[0\] must be {rng}, got {shown}"
+    elif consumer == "scan":
+        if bad == "mid":
+            pytest.skip("the scan takes 'mid'")
+        from mppm_ext.scan.passes import resolve_layer
+
+        call, message = lambda: resolve_layer(model, bad), rf"layers holds {shown}; each must be 'mid' or {rng}"
+    elif consumer == "steer_layer":
+        from mppm_ext.steering import steer_layer
+
+        call = lambda: steer_layer(model, ids, bad, torch.tensor([[5]]), torch.full((1, 1), 0.1))  # noqa: E731
+        message = rf"layer must be {rng}, got {shown}"
+    else:
+        from mppm_ext.steering.generate import steered_generate
+
+        call = lambda: steered_generate(model, loaded.tokenizer, [PROMPT], layer=bad, max_new_tokens=1)  # noqa: E731
+        message = rf"layer must be {rng}, got {shown}"
+    with pytest.raises(ValueError, match=message):
+        call()
