@@ -17,8 +17,35 @@ FEATURES = (
 )
 
 
+def version_text() -> str:
+    """One line: the package version and what its compiled module was built with (``build_info``)."""
+    import mppm_ext
+
+    try:
+        info = mppm_ext.build_info()
+    except Exception as exc:  # a source tree without its compiled module still answers --version
+        return f"mppm_ext {mppm_ext.__version__} (compiled module unavailable: {exc})"
+    cuda = (f"CUDA {info['cuda_runtime_version']} for architectures {info['cuda_architectures']}, "
+            f"{info['cuda_device_count']} device(s) visible" if info["cuda"] else "built without CUDA")
+    return (f"mppm_ext {info['version']} ({info['compiler']}; CPU instruction sets {'/'.join(info['cpu_isas_compiled'])}"
+            f", using {info['cpu_isa']}; OpenMP {info['openmp'] or 'off'}; {cuda})")
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, computed only when asked (build_info loads the compiled module)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mppm", description="Momentum / point-perplexity mechanics of language models.")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the package version and its build (compiler, CPU instruction sets, CUDA) and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for package, commands, _ in FEATURES:
         # Imported only here, so that the heavy optional dependencies load when the command line is built;

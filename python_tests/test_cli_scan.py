@@ -133,7 +133,8 @@ def test_findings_answers_follow_the_numbers():
     (["--corpus", "{empty}"], "empty"),
     (["--corpus", "{binary}"], "corpus"),
     (["--out", "{file}/sub"], "cannot write to the output directory"),
-    (["--layers", "99"], "layers"),
+    (["--layers", "99"], "layers holds 99; each must be 'mid' or an int in [-3, 2] (this model has 2 blocks) "
+                         "or 'final'"),
 ])
 def test_scan_bad_inputs_fail_with_one_line(argv, message, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")

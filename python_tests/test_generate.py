@@ -46,7 +46,7 @@ def assert_same_run(a, b, rtol=1e-9):
         assert torch.allclose(x, y, rtol=rtol, atol=1e-9, equal_nan=True), f"{name}: {x} vs {y}"
 
 
-@pytest.mark.parametrize("layer", ["final", 0, -1])
+@pytest.mark.parametrize("layer", ["final", 0, 1, -1])
 def test_kv_cache_matches_full_recomputation_fixed_delta(model, tok, layer):
     kw = dict(targets=TARGETS, layer=layer, max_new_tokens=6, delta_fn=fixed_delta())
     cached = steered_generate(model, tok, PROMPTS, use_cache=True, **kw)
@@ -62,7 +62,7 @@ def test_earlier_layer_steering_changes_later_positions_through_the_cache(tok):
     """With a block δ the steered position's keys/values are cached: a run that forgot them (δ only
     in the step's own forward, recomputed without it later) would differ from the full recomputation."""
     model = tiny_model("llama")
-    kw = dict(targets=TARGETS, layer=0, max_new_tokens=5, delta_fn=fixed_delta(2.0))
+    kw = dict(targets=TARGETS, layer=1, max_new_tokens=5, delta_fn=fixed_delta(2.0))
     cached = steered_generate(model, tok, PROMPTS, **kw)
     full = steered_generate(model, tok, PROMPTS, use_cache=False, **kw)
     assert_same_run(cached, full)
@@ -152,7 +152,7 @@ def test_hooks_and_tokenizer_are_restored(model, tok):
 
     side, before = tok.padding_side, hooks()
     steered_generate(model, tok, PROMPTS, targets=TARGETS, max_new_tokens=1)
-    steered_generate(model, tok, PROMPTS, targets=TARGETS, max_new_tokens=1, layer=0, delta_fn=fixed_delta())
+    steered_generate(model, tok, PROMPTS, targets=TARGETS, max_new_tokens=1, layer=1, delta_fn=fixed_delta())
     assert tok.padding_side == side and hooks() == before
 
 
@@ -166,15 +166,16 @@ def test_hooks_and_tokenizer_are_restored(model, tok):
     (dict(targets=[10_000]), ValueError, "outside the vocabulary"),
     (dict(targets=[1.5]), TypeError, "token ids"),
     (dict(targets=[["storm"], ["fire"]]), ValueError, "per-prompt lists for 3 prompts"),
-    (dict(layer=2), ValueError, "block index"),
-    (dict(layer=-3), ValueError, "block index"),
-    (dict(layer="last"), ValueError, "block index"),
+    (dict(layer=3), ValueError, r"layer must be an int in \[-3, 2\] \(this model has 2 blocks\) or 'final', got 3"),
+    (dict(layer=-4), ValueError, r"layer must be an int in \[-3, 2\] .* got -4"),
+    (dict(layer="last"), ValueError, r"layer must be an int in \[-3, 2\] .* or 'final', got 'last'"),
+    (dict(layer=1.0), ValueError, r"layer must be an int in \[-3, 2\] .* got 1\.0"),
     (dict(max_new_tokens=0), ValueError, "max_new_tokens"),
     (dict(max_new_tokens=2.0), ValueError, "max_new_tokens"),
     (dict(gain=float("nan")), ValueError, "gain"),
     (dict(gain=-1.0), ValueError, "gain"),
     (dict(mode="best"), ValueError, "mode"),
-    (dict(mode="energy", layer=0), ValueError, "final state only"),
+    (dict(mode="energy", layer=-1), ValueError, "final state only"),
     (dict(top_k=0), ValueError, "top_k"),
     (dict(temperature=0.0), ValueError, "temperature"),
 ])
@@ -190,7 +191,7 @@ def test_block_steering_with_steer_layer_reaches_the_gain_in_the_cached_run(tok)
     """steer_layer sees the sequence so far with earlier δ's replayed, so the gain it solved for is the
     gain the cached generation gets (padded and unpadded rows alike)."""
     model = tiny_model("gpt2")  # absolute positions: the unpadding must be exact
-    kw = dict(targets=["storm"], gain=1.0, layer=0, max_new_tokens=2)
+    kw = dict(targets=["storm"], gain=1.0, layer=1, max_new_tokens=2)
     run = steered_generate(model, tok, PROMPTS[:2], **kw)
     ok = run.converged & run.feasible  # the solver may stop short within its trust region: it says so
     assert ok.double().mean() >= 0.5, ok

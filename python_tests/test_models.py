@@ -69,27 +69,28 @@ def test_random_twin_same_config_new_weights(tiny_models):
 def test_capture_matches_hf_hidden_states(name, tiny_models):
     """HF's hidden_states[i] is block i's output for i < L; in transformers 5 its last entry is the
     post-norm state for every family here (OPT-350m-style: after project_out too). capture reads the states
-    at fixed places with hooks, so it does not depend on that convention."""
+    at fixed places with hooks (mppm_ext.models.layers), so it does not depend on that convention."""
     model = tiny_models[name].model
     ids, mask = _batch()
     with torch.no_grad():
         out = model(ids, attention_mask=mask, output_hidden_states=True)
     hs = out.hidden_states
     L = len(hs) - 1
-    got = models.capture(model, ids, mask, layers=(-1, 0, 1, -2, L))
-    assert set(got.hidden) == {-1, 0, 1, -2, L}
-    assert torch.equal(got.hidden[-1], hs[-1])
+    asked = ("final", 0, 1, -2, L, -1, -(L + 1))
+    got = models.capture(model, ids, mask, layers=asked)
+    assert list(got.hidden) == list(asked)
+    assert torch.equal(got.hidden["final"], hs[-1])
     assert torch.equal(got.logits, out.logits)
-    for layer, expected in ((0, hs[0]), (1, hs[1]), (-2, hs[L - 1])):
+    for layer, expected in ((0, hs[0]), (1, hs[1]), (-2, hs[L - 1]), (-(L + 1), hs[0])):
         assert torch.equal(got.hidden[layer], expected), layer
-    pre = models.capture(model, ids, mask, pre_norm=True, logits=False)
+    pre = models.capture(model, ids, mask, layers=(-1,), logits=False)
     assert pre.logits is None
-    assert torch.equal(pre.hidden[-1], got.hidden[L])  # pre-norm final state = last block's output
+    assert torch.equal(pre.hidden[-1], got.hidden[L])  # -1 is the last block's output, the pre-norm state
     norm = models.final_norm(model)
     assert norm is not None
     with torch.no_grad():
-        assert torch.equal(norm(pre.hidden[-1]), got.hidden[-1])
-    assert not torch.equal(pre.hidden[-1], got.hidden[-1])
+        assert torch.equal(norm(pre.hidden[-1]), got.hidden["final"])
+    assert not torch.equal(pre.hidden[-1], got.hidden["final"])
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -98,11 +99,11 @@ def test_unembedding_reproduces_logits(name, tiny_models):
     ids, mask = _batch()
     got = models.capture(model, ids, mask)
     weight, bias = models.unembedding(model)
-    assert weight.shape == (model.config.vocab_size, got.hidden[-1].shape[-1])
+    assert weight.shape == (model.config.vocab_size, got.hidden["final"].shape[-1])
     assert (bias is not None) == name.startswith("random:phi")  # Phi's unembedding alone has a bias
 
     def product(dtype):
-        out = got.hidden[-1].to(dtype) @ weight.to(dtype).T
+        out = got.hidden["final"].to(dtype) @ weight.to(dtype).T
         return out if bias is None else out + bias.to(dtype)
 
     assert_close(got.logits, product(torch.float32), product(torch.float64), f"{name} logits")
@@ -117,8 +118,13 @@ def test_capture_bad_inputs(tiny_models):
         models.capture(model, ids[0])
     with pytest.raises(ValueError, match="attention_mask"):
         models.capture(model, ids, mask[:, :3])
-    with pytest.raises(ValueError, match=r"layers holds 9; this model has 2 blocks"):
-        models.capture(model, ids, layers=(9,))
+    with pytest.raises(ValueError, match=r"layers\[1\] must be an int in \[-3, 2\] \(this model has 2 blocks\) "
+                                         r"or 'final', got 9"):
+        models.capture(model, ids, layers=(0, 9))
+    with pytest.raises(ValueError, match=r"layers\[0\] must be .* got 'mid'"):
+        models.capture(model, ids, layers=("mid",))
+    with pytest.raises(TypeError, match=r"layers must be a sequence of layers such as \('final',\)"):
+        models.capture(model, ids, layers="final")
     with pytest.raises(TypeError, match="Hugging Face causal LM"):
         models.capture(torch.nn.Linear(2, 2), ids)
     with pytest.raises(TypeError, match="Hugging Face causal LM"):
@@ -169,7 +175,7 @@ def test_dtype_reaches_every_weight_and_the_twin():
     twin = models.random_twin(loaded, seed=2)
     assert {p.dtype for p in loaded.model.parameters()} == {p.dtype for p in twin.model.parameters()} == {torch.bfloat16}
     got = models.capture(loaded.model, torch.tensor([[1, 2, 3]]))
-    assert got.hidden[-1].dtype == got.logits.dtype == torch.bfloat16
+    assert got.hidden["final"].dtype == got.logits.dtype == torch.bfloat16
 
 
 def test_bad_dtype_and_types():

@@ -59,7 +59,7 @@ def test_parts_equal_a_direct_energy_call_on_the_same_windows(name):
     weight, bias = models.unembedding(loaded.model)
     for batch in batches(split.scan, 3):
         cap = models.capture(loaded.model, batch.ids, batch.mask)
-        direct = mppm_ext.energy_from_hidden(cap.hidden[-1], weight, batch.ids, bias=bias, attention_mask=batch.mask)
+        direct = mppm_ext.energy_from_hidden(cap.hidden["final"], weight, batch.ids, bias=bias, attention_mask=batch.mask)
         for b, w in enumerate(batch.windows):
             n = len(w.tokens)
             assert toks[row, :n].tolist() == list(w.tokens)
@@ -82,8 +82,8 @@ def test_parts_match_the_model_logits_with_project_out():
     log_prob, row = model.parts[BASE][1], 0
     for batch in batches(split_windows(loaded.tokenizer, DOCS, 23).scan, 3):
         cap = models.capture(loaded.model, batch.ids, batch.mask)
-        assert cap.hidden[-1].shape[-1] == 16
-        direct = mppm_ext.energy(cap.hidden[-1], cap.logits, batch.ids, attention_mask=batch.mask)
+        assert cap.hidden["final"].shape[-1] == 16
+        direct = mppm_ext.energy(cap.hidden["final"], cap.logits, batch.ids, attention_mask=batch.mask)
         for b, w in enumerate(batch.windows):
             n = len(w.tokens)
             torch.testing.assert_close(log_prob[row, :n], direct.log_prob[b, :n].double(), rtol=1e-5, atol=1e-5,
@@ -138,20 +138,26 @@ def test_shuffle_permutes_each_window_and_changes_the_result():
 
 
 def test_pre_norm_and_layer_controls_use_those_states(llama):
-    result = scan(controls=("pre-norm",), layers=(1, "mid"), batch_size=64)
+    result = scan(controls=("pre-norm",), layers=(1, "mid", -1, "final"), batch_size=64)
     model = result.models[0]
     split = split_windows(llama.tokenizer, DOCS, 23)
     (batch,) = batches(split.scan, 64)
     real = batch.mask != 0
-    pre = models.capture(llama.model, batch.ids, batch.mask, pre_norm=True, logits=False).hidden[-1]
+    pre = models.capture(llama.model, batch.ids, batch.mask, layers=(-1,), logits=False).hidden[-1]
     layer1 = models.capture(llama.model, batch.ids, batch.mask, layers=(1,), logits=False).hidden[1]
-    # random:llama-tiny has 2 blocks: "mid" is block 1.
-    for variant, state in ((PRE_NORM, pre), (layer_variant(1), layer1), (layer_variant("mid"), layer1)):
+    # random:llama-tiny has 2 blocks: "mid" is state 1 (the first block's output); the pre-norm control is
+    # layer -1.
+    for variant, state in ((PRE_NORM, pre), (layer_variant(1), layer1), (layer_variant("mid"), layer1),
+                           (layer_variant(-1), pre)):
         _, lp, kin = model.parts[variant]
         want = reference.kinetic(state.double(), real)
         assert torch.allclose(kin, want[:, :kin.shape[1]], rtol=1e-12, atol=0, equal_nan=True), variant
         exact(lp, model.parts[BASE][1])  # the variants keep the base prediction
     assert not torch.allclose(model.parts[PRE_NORM][2].nan_to_num(), model.parts[BASE][2].nan_to_num())
+    # "final" is the base state; its kinetic is the float64 one of the same state (the base's comes from the
+    # fused op, in float32 lanes).
+    torch.testing.assert_close(model.parts[layer_variant("final")][2], model.parts[BASE][2], rtol=1e-5, atol=1e-6,
+                               equal_nan=True)
 
 
 def test_token_mean_of_states_that_only_depend_on_the_token_removes_all_motion():

@@ -5,7 +5,7 @@ import torch
 
 import mppm_ext
 from mppm_ext.steering import steer_layer
-from mppm_ext.steering.layers import decoder_blocks
+from mppm_ext.models import anatomy
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,7 +35,11 @@ def ids(B=2, T=6, V=97):
     return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(5))
 
 
-@pytest.mark.parametrize("layer", [0, -2])
+# layer -> the block whose output it is (layers numbered as mppm_ext.models.layers; 3 blocks here).
+BLOCK_OF = {1: 0, -2: 1}
+
+
+@pytest.mark.parametrize("layer", [1, -2])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_steer_layer_achieves_gain(family, layer):
     model = MODELS[family]()
@@ -45,7 +49,7 @@ def test_steer_layer_achieves_gain(family, layer):
     assert model.config._attn_implementation == before  # restored
     assert out.converged.all() and out.feasible.all(), out.achieved
     # measured independently: a forward with the perturbation added at the last position
-    block = decoder_blocks(model)[layer]
+    block = anatomy.blocks(model)[BLOCK_OF[layer]]
     add = lambda mod, inp, o: ((o[0] + _at_last(o[0], out.delta_h),) + tuple(o[1:])) if isinstance(o, tuple) \
         else o + _at_last(o, out.delta_h)
     with torch.no_grad():
@@ -66,21 +70,22 @@ def _at_last(hidden, delta_h):
 def test_vjp_and_jvp_jacobians_agree():
     model = gpt2(n_embd=16)  # the jvp path runs one forward-mode pass per hidden dimension
     targets, delta = torch.tensor([[5, 7]]), torch.full((1, 2), 0.2)
-    a = steer_layer(model, ids(B=1), 1, targets, delta, newton_steps=1, position=-3, tol=1e-10)
-    b = steer_layer(model, ids(B=1), 1, targets, delta, newton_steps=1, position=-3, tol=1e-10, jacobian="jvp")
+    a = steer_layer(model, ids(B=1), 2, targets, delta, newton_steps=1, position=-3, tol=1e-10)
+    b = steer_layer(model, ids(B=1), 2, targets, delta, newton_steps=1, position=-3, tol=1e-10, jacobian="jvp")
     assert torch.allclose(a.delta_h, b.delta_h, rtol=1e-4, atol=1e-6)
     assert torch.allclose(a.predicted_gain, b.predicted_gain, atol=1e-6)
 
 
 def test_last_layer_equals_steer_step_through_final_norm():
-    """Block -1's output at the last position reaches the logits only through ln_f and the head."""
+    """Layer -1 (the last block's output) at the last position reaches the logits only through ln_f and the
+    head."""
     model = gpt2()
     x = ids()
     targets, delta = torch.tensor([[5, 7], [9, 11]]), torch.full((2, 2), 0.25)
     with torch.no_grad():
         pre = model(x, output_hidden_states=True).hidden_states
     captured = {}
-    handle = decoder_blocks(model)[-1].register_forward_hook(
+    handle = anatomy.blocks(model)[-1].register_forward_hook(
         lambda mod, inp, o: captured.__setitem__("h", (o[0] if isinstance(o, tuple) else o)[:, -1].detach()))
     with torch.no_grad():
         model(x)
@@ -94,8 +99,11 @@ def test_last_layer_equals_steer_step_through_final_norm():
 
 
 @pytest.mark.parametrize("bad, exc, match", [
-    (dict(layer=3), ValueError, r"layer must be an int in \[-3, 3\)"),
-    (dict(layer=1.0), ValueError, "layer must be an int"),
+    (dict(layer=4), ValueError, r"layer must be an int in \[-4, 3\] \(this model has 3 blocks\) or 'final', got 4"),
+    (dict(layer=-5), ValueError, r"layer must be an int in \[-4, 3\] .* got -5"),
+    (dict(layer=1.0), ValueError, r"layer must be an int in \[-4, 3\] .* got 1\.0"),
+    (dict(layer=True), ValueError, r"layer must be an int in \[-4, 3\] .* got True"),
+    (dict(layer="mid"), ValueError, r"layer must be an int in \[-4, 3\] .* or 'final', got 'mid'"),
     (dict(position=6), ValueError, r"position must be an int in \[-6, 6\)"),
     (dict(input_ids=torch.zeros(2, 6)), TypeError, "input_ids must hold token ids"),
     (dict(input_ids=torch.zeros(0, 6, dtype=torch.long)), ValueError, "input_ids must be a non-empty"),

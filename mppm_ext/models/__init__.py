@@ -6,7 +6,8 @@ Public API:
     random_twin(loaded, seed=0) -> LoadedModel
     unembedding(model) -> (weight [V, d], bias [V] | None)
     final_norm(model) -> nn.Module | None
-    capture(model, input_ids, attention_mask=None, *, layers=(-1,), pre_norm=False, logits=True) -> Captured
+    capture(model, input_ids, attention_mask=None, *, layers=("final",), logits=True) -> Captured
+    layers.resolve(model, layer) -> LayerRef   (the layer convention every ``layer`` argument follows)
     setup(names=None, *, accept_gemma_terms=False) -> list[str]   (install models and corpora)
 
 Needs the ``models`` extra (transformers, gguf, accelerate, safetensors).

@@ -32,9 +32,10 @@ def _user_errors(command: str):
 
 def _layers(text: str) -> tuple:
     try:
-        return tuple(x.strip() if x.strip() == "mid" else int(x) for x in text.split(",") if x.strip())
+        return tuple(x.strip() if x.strip() in ("mid", "final") else int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers or 'mid', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers, 'final' or 'mid', "
+                                         f"got {text!r}") from None
 
 
 def _at_least(minimum: int):
@@ -65,8 +66,9 @@ def add_scan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--controls", nargs="*", choices=CONTROLS, default=[], metavar="CONTROL",
                    help=f"controls to add, any of: {', '.join(CONTROLS)}")
     p.add_argument("--layers", type=_layers, default=(),
-                   help="other layers to scan as well, comma-separated: block indices as mppm_ext.models.capture "
-                        "takes them (0 = embeddings, i = after block i) or 'mid' (block L // 2 of each model)")
+                   help="other layers to scan as well, comma-separated, numbered as mppm_ext.models.layers (0 = "
+                        "embeddings, i = after block i, -1 = last block before the final norm, 'final' = after it, "
+                        "the base state) or 'mid' (state L // 2 of each model)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default; per rank under torchrun)")
     p.add_argument("--dtype", choices=_DTYPES, default="float32", help="model weights dtype (default float32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle control and of random twins")

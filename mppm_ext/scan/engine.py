@@ -32,8 +32,9 @@ class ScanConfig:
     models: short names for ``mppm_ext.models.load`` or already loaded ``LoadedModel`` objects.
     corpus: a name/path for ``mppm_ext.data.load_corpus`` or the documents themselves.
     window: tokens per window (>= 3). max_tokens: cap on scanned tokens per model (None: the whole corpus).
-    controls: subset of CONTROLS. layers: other layers whose state is scanned as well (model layer
-    indices as ``mppm_ext.models.capture`` takes them, or ``"mid"``: block L // 2 of each model).
+    controls: subset of CONTROLS (``pre-norm``: layer -1 instead of the base state "final"). layers: other
+    layers whose state is scanned as well, numbered as :mod:`mppm_ext.models.layers` (an int or "final"), or
+    ``"mid"``: state L // 2 of each model.
     seed: seed of the shuffle and of random twins.
     """
 
@@ -61,9 +62,9 @@ class ScanConfig:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 3):
             raise ValueError(f"max_tokens must be an integer >= 3 or None, got {self.max_tokens!r}")
-        bad = [L for L in self.layers if L != MID and not isinstance(L, int)]
+        bad = [L for L in self.layers if L not in (MID, "final") and (isinstance(L, bool) or not isinstance(L, int))]
         if bad:
-            raise ValueError(f"layers must be integers or {MID!r}, got {bad}")
+            raise ValueError(f"layers must be integers, 'final' or {MID!r}, got {bad}")
 
 
 @dataclass
@@ -188,8 +189,8 @@ def scan_model(ctx: D.Context, loaded, label: str, documents: Sequence[str], cfg
     split = split_windows(loaded.tokenizer, documents, cfg.window, max_tokens=cfg.max_tokens,
                           holdout="token-mean" in cfg.controls)
     handle = ModelHandle.of(loaded.model)
+    layers = tuple((layer_variant(L), resolve_layer(loaded.model, L)) for L in cfg.layers)
     means = _token_means(ctx, handle, split.heldout, cfg) if split.heldout else None
-    layers = tuple((layer_variant(L), resolve_layer(L, handle.num_blocks)) for L in cfg.layers)
     plan = StatePlan(layers=layers, pre_norm="pre-norm" in cfg.controls, token_means=means)
     part = _scan_part(ctx, handle, split.scan, plan, cfg, desc=label)
     if "shuffle" in cfg.controls:

@@ -1,7 +1,7 @@
 """One batch through one model: capture the states, then the energy's two parts (log p_t, K_t) for the
 base state and for every state-variant control. Everything else is derived from the parts later.
 
-The base state (final layer, post-norm: the one that feeds the unembedding) goes through the fused op
+The base state (layer "final": after the final norm, the one that feeds the unembedding) goes through the fused op
 ``mppm_ext.energy_from_hidden``, so the forward pass stops before the unembedding and the logits are never
 stored. The variants only change the state that moves, not the prediction, so they reuse the base log p and
 need one O(B*T*d) kinetic pass each."""
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
@@ -21,32 +21,44 @@ from mppm_ext.kinetic import kinetic
 from .token_mean import TokenMeans
 from .windows import Batch
 
+if TYPE_CHECKING:  # mppm_ext.models needs the optional transformers: imported where a model is at hand
+    from mppm_ext.models.layers import LayerRef
+
 BASE = "base"
 PRE_NORM = "pre_norm"
 TOKEN_MEAN = "token_mean"
 SHUFFLED = "shuffled"
 
 
-#: A layer spec that means the middle block of each model (block L // 2), so that one scan compares models
-#: of different depths at the same relative depth.
+#: A layer spec that means the middle of each model, state L // 2 (the output of the (L // 2)-th block), so
+#: that one scan compares models of different depths at the same relative depth.
 MID = "mid"
+#: The pre-norm control's state: the last block's output (see mppm_ext.models.layers).
+PRE_NORM_LAYER = -1
 
 
 def layer_variant(layer) -> str:
     return f"layer_{layer}"
 
 
-def resolve_layer(spec, num_blocks: int) -> int:
-    """A layer spec (an int for ``mppm_ext.models.capture``, or MID) -> capture's layer index."""
-    return num_blocks // 2 if spec == MID else int(spec)
+def resolve_layer(model: torch.nn.Module, spec) -> LayerRef:
+    """A ``--layers`` spec (a layer as :mod:`mppm_ext.models.layers` numbers them, or MID) -> its LayerRef
+    for ``model``; ValueError naming ``layers`` and the valid values otherwise."""
+    from mppm_ext.models import anatomy, layers
+
+    n = len(anatomy.blocks(model))
+    try:
+        return layers.resolve(model, n // 2 if spec == MID else spec)
+    except ValueError:
+        raise ValueError(f"layers holds {spec!r}; each must be {MID!r} or {layers.valid_range(n)}") from None
 
 
 @dataclass(frozen=True)
 class StatePlan:
-    """Which states besides the base one each forward pass must provide. ``layers``: (variant name,
-    capture layer index) pairs."""
+    """Which states besides the base one (``"final"``) each forward pass must provide. ``layers``: (variant
+    name, LayerRef) pairs; ``pre_norm``: also the pre-norm state (layer -1)."""
 
-    layers: tuple[tuple[str, int], ...] = ()
+    layers: tuple[tuple[str, LayerRef], ...] = ()
     pre_norm: bool = False
     token_means: Optional[TokenMeans] = None
 
@@ -67,17 +79,14 @@ class ModelHandle:
     model: torch.nn.Module
     weight: Tensor
     bias: Optional[Tensor]
-    num_blocks: int  # capture's layer index of the last block's output = the pre-norm state
     device: torch.device
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ModelHandle":
         from mppm_ext import models
-        from mppm_ext.models import anatomy
 
         weight, bias = models.unembedding(model)
-        return cls(model=model, weight=weight, bias=bias, num_blocks=len(anatomy.blocks(model)),
-                   device=weight.device)
+        return cls(model=model, weight=weight, bias=bias, device=weight.device)
 
 
 def _sync(device: torch.device) -> None:
@@ -87,18 +96,19 @@ def _sync(device: torch.device) -> None:
 
 
 def capture_states(handle: ModelHandle, batch: Batch, plan: StatePlan):
-    """Forward pass up to the unembedding: (post-norm final state, pre-norm final state or None,
-    {variant: layer state})."""
+    """Forward pass up to the unembedding: (state "final", state -1 or None, {variant: layer state}), layers
+    as :mod:`mppm_ext.models.layers` numbers them."""
     from mppm_ext import models
+    from mppm_ext.models.layers import FINAL
 
     ids, mask = batch.ids.to(handle.device), batch.mask.to(handle.device)
-    # The pre-norm state is the last block's output (capture layer num_blocks), so one forward gives both it
-    # and the post-norm state -1, also where the final chain is more than a norm (OPT's project_out).
-    pre_layer = (handle.num_blocks,) if plan.pre_norm else ()
-    indices = tuple(index for _, index in plan.layers)
-    cap = models.capture(handle.model, ids, mask, layers=(-1,) + pre_layer + indices, logits=False)
-    pre = cap.hidden[handle.num_blocks] if plan.pre_norm else None
-    return cap.hidden[-1], pre, {name: cap.hidden[index] for name, index in plan.layers}
+    # One forward gives the base state and every other one, also where the final chain is more than a norm
+    # (OPT's project_out), so the pre-norm state -1 is not the base state.
+    pre_layer = (PRE_NORM_LAYER,) if plan.pre_norm else ()
+    refs = tuple(ref for _, ref in plan.layers)
+    cap = models.capture(handle.model, ids, mask, layers=(FINAL,) + pre_layer + refs, logits=False)
+    pre = cap.hidden[PRE_NORM_LAYER] if plan.pre_norm else None
+    return cap.hidden[FINAL], pre, {name: cap.hidden[ref] for name, ref in plan.layers}
 
 
 def batch_parts(handle: ModelHandle, batch: Batch, plan: StatePlan) -> BatchParts:

@@ -2,7 +2,7 @@
 target tokens by asked amounts (docs/definitions.md, "Jacobian steering").
 
     steer_step(hidden, weight, targets, delta, ...) -> SteerResult   the state that feeds the unembedding
-    steer_layer(model, input_ids, layer, targets, delta, ...) -> SteerResult   any block's output
+    steer_layer(model, input_ids, layer, targets, delta, ...) -> SteerResult   any layer's state (mppm_ext.models.layers)
 """
 
 from .gauss_newton import SteerResult

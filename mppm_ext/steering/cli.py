@@ -20,16 +20,23 @@ _PRINTED = (("similarity", "similarity to concept"), ("perplexity", "perplexity 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("steer-eval", help="compare steered with natural continuations",
-                              description=__doc__.split("\n\n")[0])
+                              description="Steered against natural (greedy) continuations of a prompt set: "
+                                          "similarity to each prompt's target concept, perplexity, distinct-n, "
+                                          "the CVs of log E, log K and surprisal, and the norm of the steps, "
+                                          "written as report.json, report.csv and report.png.")
     p.add_argument("--model", default="smollm2-135m",
-                   help="a name or path for mppm_ext.models.load (default: %(default)s)")
-    p.add_argument("--prompts", type=Path, default=None, help="prompt set JSON (default: the shipped one)")
+                   help="a model name or path, as mppm_ext.models.load takes it (default: %(default)s)")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="prompt set JSON (default: the 16 prompts shipped in mppm_ext/steering/prompts.json)")
     p.add_argument("--out", type=Path, required=True, help="output directory for report.json, report.csv, report.png")
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--gain", type=float, default=2.0, help="wanted log-p increase of each target token per step")
-    p.add_argument("--mode", choices=("all", "energy"), default="all", help="target choice (see steered_generate)")
-    p.add_argument("--limit", type=int, default=None, help="use the first N prompts")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated per prompt and condition (default: %(default)s)")
+    p.add_argument("--gain", type=float, default=2.0, help="wanted log-p increase of each target token per step (default: %(default)s)")
+    p.add_argument("--mode", choices=("all", "energy"), default="all",
+                   help="'all' raises every target token; 'energy' steers each step to the one of the 5 most "
+                        "probable targets whose log E stays nearest the running mean (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed handed to steered_generate for sampling; decoding is greedy, so it changes no "
+                                                          "figure today (default: %(default)s)")
     p.set_defaults(run=run)
 
 

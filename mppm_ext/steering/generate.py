@@ -11,8 +11,8 @@ last prompt position, steered during the prefill) and cached positions are never
 a cache (``use_cache=False``) every call recomputes the whole sequence and the hook re-applies each δ
 already used at its own position, so the two modes compute the same thing; the tests compare them.
 
-The steered layer is ``"final"`` (the post-norm state that feeds the LM head, the default) or a block
-index as :func:`mppm_ext.steering.steer_layer` numbers them (0-based, negative from the end: -1 is the last
+The steered layer is ``"final"`` (the post-norm state that feeds the LM head, the default) or an int,
+numbered as :mod:`mppm_ext.models.layers` (0: the embeddings, i: the i-th block's output, -1: the last
 block's output, before the final norm).
 """
 
@@ -27,8 +27,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import kinetic as kinetic_mod
 from . import targets as targets_mod
-from .layers import decoder_blocks
 
 #: Per-step, per-sequence fields of :class:`GenerationResult` (``[B, S]`` tensors), in record order.
 RECORD_FIELDS = (
@@ -92,7 +92,7 @@ class GenerationResult:
         One ``[B, S]`` tensor per name in :data:`RECORD_FIELDS` (float64 unless noted there).
         states: ``[B, S, d]`` float32 steered-layer states before δ; deltas: ``[B, S, d]`` float32 δ's.
         targets: per-prompt ``[m_b]`` int64 target ids (empty when unsteered).
-        layer: the steered layer ("final" or a block index).
+        layer: the steered layer as it was given ("final" or an int, see :mod:`mppm_ext.models.layers`).
     """
 
     prompts: list
@@ -125,19 +125,9 @@ class GenerationResult:
 # ----------------------------------------------------------------------------------------------- hooks
 
 
-def normalize_layer(model: nn.Module, layer) -> Optional[int]:
-    """None for ``"final"``, else ``layer`` as a block index in ``0 .. n_blocks - 1``."""
-    if layer == "final":
-        return None
-    n = len(decoder_blocks(model))
-    if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
-        raise ValueError(f"layer must be 'final' or a block index in [-{n}, {n}) for this model's {n} blocks, "
-                         f"got {layer!r}")
-    return layer % n
-
-
 class SteeringHook:
-    """Context manager that adds a δ to the newest position of one layer's output while active.
+    """Context manager that adds a δ to the newest position of one layer's state while active (``layer``
+    as :mod:`mppm_ext.models.layers` numbers them, or a LayerRef).
 
     ``delta_fn`` is called once per forward call with a :class:`StepContext` built from :attr:`context`
     (set by the caller before each call) and the newest position's state. Every δ is remembered with
@@ -146,8 +136,10 @@ class SteeringHook:
     """
 
     def __init__(self, model: nn.Module, layer, delta_fn: DeltaFn):
+        from ..models import layers
+
         self.model, self.delta_fn = model, delta_fn
-        self.block = normalize_layer(model, layer)
+        self.ref = layers.resolve(model, layer)
         # While a delta function runs the model on the sequence so far (LayerSteerer), the hook only
         # replays earlier δ's, for the batch rows ``rows`` (None: all).
         self.replay_only, self.rows = False, None
@@ -169,7 +161,7 @@ class SteeringHook:
         state = h[:, -1].detach().clone()  # h[:, -1] is edited in place below
         self.last_state = state
         context = dict(self.context)
-        if self.block is None and t >= 2:
+        if self.ref.is_final and t >= 2:
             # In a prefill the previous final state is in this very tensor (the caller learns it later).
             real = context["attention_mask"][:, -2:-1].bool()
             context["prev_final"] = torch.where(real, h[:, -2].detach().double(), context["prev_final"])
@@ -178,19 +170,10 @@ class SteeringHook:
         self.applied.append((self.past + t - 1, self.last.delta))
         return h
 
-    def _pre_hook(self, module, args):
-        return (self._edit(args[0]),) + tuple(args[1:])
-
-    def _post_hook(self, module, args, output):
-        if isinstance(output, tuple):
-            return (self._edit(output[0]),) + tuple(output[1:])
-        return self._edit(output)
-
     def __enter__(self) -> "SteeringHook":
-        if self.block is None:
-            self._handle = self.model.get_output_embeddings().register_forward_pre_hook(self._pre_hook)
-        else:
-            self._handle = decoder_blocks(self.model)[self.block].register_forward_hook(self._post_hook)
+        from ..models import layers
+
+        self._handle = layers.edit_hook(self.model, self.ref, self._edit)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -198,7 +181,8 @@ class SteeringHook:
 
 
 class _FinalStateCapture:
-    """Read-only pre-hook on the LM head: keeps the last two positions of its input (the final states)."""
+    """Read-only pre-hook on the LM head: keeps the last two positions of its input (the final states as the
+    head saw them, after any δ, whichever hook was registered first)."""
 
     def __init__(self, model: nn.Module):
         self.model, self.last_two = model, None
@@ -282,7 +266,7 @@ class FinalStateSteerer:
         steered = h[owner] + d_all
         lp = self._log_probs(steered)
         surprisal = -lp.gather(1, flat.view(-1, 1).to(lp.device)).squeeze(1).cpu()
-        kin = 0.5 * (steered.double().cpu() - ctx.prev_final[owner].cpu()).pow(2).sum(-1)
+        kin = kinetic_mod.step_kinetic(steered.cpu(), ctx.prev_final[owner].cpu())
         log_e = torch.log(kin) + surprisal
         gap = (log_e - ctx.running_log_energy[owner].cpu()).abs()
         delta = torch.zeros_like(h)
@@ -299,7 +283,8 @@ class FinalStateSteerer:
 
 
 class LayerSteerer:
-    """Delta function for a block's output: :func:`mppm_ext.steering.steer_layer` on the sequence so far.
+    """Delta function for a layer other than "final": :func:`mppm_ext.steering.steer_layer` on the sequence
+    so far (``ref``: the resolved layer).
 
     steer_layer runs the model itself, without a cache, one prompt at a time with its left padding
     stripped (so positions and attention are those of the generation, for absolute-position models too);
@@ -307,9 +292,9 @@ class LayerSteerer:
     in the context the cached generation actually has.
     """
 
-    def __init__(self, model: nn.Module, block: int, row_targets: list[Tensor], gain: float,
+    def __init__(self, model: nn.Module, ref, row_targets: list[Tensor], gain: float,
                  solver_options: Optional[dict] = None):
-        self.model, self.block, self.row_targets, self.gain = model, block, row_targets, float(gain)
+        self.model, self.ref, self.row_targets, self.gain = model, ref, row_targets, float(gain)
         self.solver_options = dict(solver_options or {})
         self.hook: Optional[SteeringHook] = None  # set by steered_generate
 
@@ -328,7 +313,7 @@ class LayerSteerer:
                 self.hook.rows, self.hook.past = torch.tensor([i]), pad
                 tgt = self.row_targets[i].view(1, -1).to(ctx.state.device)
                 want = torch.full(tgt.shape, self.gain, dtype=torch.float64, device=tgt.device)
-                res = steer_layer(self.model, ctx.input_ids[i:i + 1, pad:], self.block, tgt, want,
+                res = steer_layer(self.model, ctx.input_ids[i:i + 1, pad:], self.ref, tgt, want,
                                   **self.solver_options)
                 out.delta[i] = res.delta_h[0].to(out.delta.dtype)
                 out.target_log_prob_before[i] = res.log_prob_before[0].logsumexp(-1).item()
@@ -367,13 +352,23 @@ def _left_padded(tokenizer):
 
 def _prompt_log_energy(model, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Per prompt, the sum and count ``[B]`` (float64) of the valid log energies of the unsteered prompt."""
-    from .. import reference
+    from .. import energy
+    from ..models import layers
 
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), output_hidden_states=True)
-    res = reference.energy(out.hidden_states[-1].double(), out.logits.double(), ids, attention_mask=mask)
+    b = ids.shape[0]
+    if ids.shape[1] < 3:  # no position has a step into it and a token after it
+        return torch.zeros(b, dtype=torch.float64), torch.zeros(b, dtype=torch.float64)
+    seen = {}
+    handle = layers.read_hook(model, layers.FINAL, lambda h: seen.__setitem__("h", h))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False).logits
+    finally:
+        handle.remove()
+    # The compiled op takes float32 (it accumulates in float64 inside).
+    res = energy(seen["h"].float(), logits.float(), ids, attention_mask=mask)
     used = res.valid & res.kinetic.gt(0)
-    return torch.where(used, res.log_energy, 0.0).sum(-1).cpu(), used.sum(-1).double().cpu()
+    return torch.where(used, res.log_energy.double(), 0.0).sum(-1).cpu(), used.sum(-1).double().cpu()
 
 
 def _positions(mask: Tensor) -> Tensor:
@@ -416,8 +411,8 @@ def steered_generate(model: nn.Module, tokenizer, prompts: Sequence[str], target
         gain: wanted increase of log p of each target token per step (0 records without steering).
         mode: "all" (every target token) or "energy" (one of the ``top_k`` most probable targets per step,
             see :class:`FinalStateSteerer`).
-        layer: "final" (the post-norm state that feeds the LM head) or a block index (0-based, negative
-            from the end), steered with :class:`LayerSteerer` (mode "all" only).
+        layer: "final" (the post-norm state that feeds the LM head) or an int, numbered as
+            :mod:`mppm_ext.models.layers`, steered with :class:`LayerSteerer` (mode "all" only).
         do_sample: sample from softmax(logits / temperature) with a generator seeded by ``seed``;
             otherwise greedy.
         use_cache: False recomputes the whole sequence at each step (for checking the cached path).
@@ -427,9 +422,11 @@ def steered_generate(model: nn.Module, tokenizer, prompts: Sequence[str], target
     Returns:
         :class:`GenerationResult` with one record per sequence and step. Generation does not stop at EOS.
     """
+    from ..models import layers
+
     _check_args(prompts, max_new_tokens, gain, mode, top_k, temperature)
-    block = normalize_layer(model, layer)
-    if block is not None and mode == "energy":
+    ref = layers.resolve(model, layer)
+    if not ref.is_final and mode == "energy":
         raise ValueError("mode 'energy' steers the final state only: use layer='final'")
     device = next(model.parameters()).device
     with _left_padded(tokenizer):
@@ -442,11 +439,11 @@ def steered_generate(model: nn.Module, tokenizer, prompts: Sequence[str], target
                                                                         head.weight.shape[0])
     if delta_fn is None and targets is None:
         delta_fn = _unsteered
-    elif delta_fn is None and block is None:
+    elif delta_fn is None and ref.is_final:
         delta_fn = FinalStateSteerer(head.weight, getattr(head, "bias", None), row_targets, gain, mode, top_k,
                                      solver_options)
     elif delta_fn is None:
-        delta_fn = LayerSteerer(model, block, row_targets, gain, solver_options)
+        delta_fn = LayerSteerer(model, ref, row_targets, gain, solver_options)
 
     b = ids.shape[0]
     energy_sum, energy_count = (_prompt_log_energy(model, ids, mask) if mode == "energy"
@@ -459,7 +456,7 @@ def steered_generate(model: nn.Module, tokenizer, prompts: Sequence[str], target
     seq, attn, cache = ids, mask, None
     # The final state before the newest position (NaN: none, as before a one-token prompt).
     prev_final = torch.full((b, head.weight.shape[1]), float("nan"), dtype=torch.float64, device=device)
-    hook = SteeringHook(model, layer, delta_fn)
+    hook = SteeringHook(model, ref, delta_fn)
     if isinstance(delta_fn, LayerSteerer):
         delta_fn.hook = hook
     with hook, _FinalStateCapture(model) as capture:
@@ -481,7 +478,7 @@ def steered_generate(model: nn.Module, tokenizer, prompts: Sequence[str], target
             if step == 0 and capture.last_two.shape[1] == 2:
                 # The previous final state of the first step is the prompt's last-but-one, if it is real.
                 prev_final = torch.where(mask[:, -2:-1].bool(), capture.last_two[:, 0], float("nan"))
-            kinetic = 0.5 * (final_state - prev_final).pow(2).sum(-1)
+            kinetic = kinetic_mod.step_kinetic(final_state, prev_final)
             surprisal = -log_probs.gather(1, token.view(-1, 1)).view(-1)
             log_energy = torch.log(kinetic) + surprisal
             after = (torch.stack([_set_log_prob(lp, t.to(device)) for lp, t in zip(log_probs, row_targets)])
