@@ -173,7 +173,7 @@ def _tokens_of(model: str) -> str:
 
 def main_table(r: Run, scope: str = ALL) -> str:
     head = ("model", "kind", "tokens read", "windows", "mean s", "mean log K", "CV(E)", "CV(K)", "CV(PPL)",
-            "E conserved?", "std(log E)", "√(std²(log K)+std²(s))", "ratio", "log E far below?", "corr(log K, s)",
+            "CV(E) − min(CV(K), CV(PPL))", "E conserved?", "std(log E)", "√(std²(log K)+std²(s))", "ratio", "log E far below?", "corr(log K, s)",
             "CV(ℓ)")
     rows = []
     for m in r.models:
@@ -184,7 +184,7 @@ def main_table(r: Run, scope: str = ALL) -> str:
         rows.append([m, _kind(r, m), _tokens_of(m), str(int(g("windows")[0])), ci(g("seq_mean_surprisal")),
                      ci(g("seq_mean_log_kinetic")), _cv_cell(r, m, "energy", scope=scope),
                      _cv_cell(r, m, "kinetic", scope=scope), _cv_cell(r, m, "ppl", scope=scope),
-                     _conserved(r, m, scope=scope), ci(g("seq_std_log_energy")), ci(indep), ci(g("seq_std_ratio")),
+                     ci(g("seq_margin")), _conserved(r, m, scope=scope), ci(g("seq_std_log_energy")), ci(indep), ci(g("seq_std_ratio")),
                      verdict(g("seq_std_ratio") - FAR_BELOW), ci(g("seq_corr"), 2),
                      _cv_cell(r, m, "log_lagrangian", scope=scope)])
     return _table(head, rows)
@@ -586,7 +586,7 @@ def write(scan_root: Path, report: Path, *, plots: Optional[Path] = None,
                          f"package {cp['package']}, dequantised to {cp['dtype']}.")
     lines += ["", "## Per model, all corpora (per-window figures)", "",
               "K from the final post-norm state, pairing K_t with s_t. \"E conserved?\": CV(E) below both CV(K) and "
-              "CV(PPL). \"ratio\" = std(log E) / √(std²(log K) + std²(s)): 1 when log K and s are independent, 0 when "
+              "CV(PPL), i.e. the margin CV(E) − min(CV(K), CV(PPL)) below 0 over its whole interval. \"ratio\" = std(log E) / √(std²(log K) + std²(s)): 1 when log K and s are independent, 0 when "
               f"they cancel exactly; \"log E far below?\": ratio below {FAR_BELOW}.", "", main_table(r), "",
               "## Answers", "",
               "**1. Is E conserved (CV(E) below both CV(K) and CV(PPL))?** " + answer_conservation(r), "",
