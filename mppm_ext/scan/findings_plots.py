@@ -48,7 +48,8 @@ def plot_cv_bars(plt, r, path: Path) -> None:
     ax.set_xticks(x, [f"{m}\n({'trained' if r.trained(m) else 'random'})" for m in models], fontsize=7,
                   rotation=30, ha="right")
     ax.set_ylabel("per-window CV, mean over windows (log scale)")
-    ax.set_title("Is E conserved? Per-window CV(E) against its parts' CVs (95% bootstrap intervals)")
+    ax.set_title("Is E conserved? Per-window CV(E) against its parts' CVs\n"
+                 "(bars: mean over windows; whiskers: 95% bootstrap intervals)", fontsize=10)
     ax.legend(fontsize=8, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -173,7 +173,8 @@ def _tokens_of(model: str) -> str:
 
 def main_table(r: Run, scope: str = ALL) -> str:
     head = ("model", "kind", "tokens read", "windows", "mean s", "mean log K", "CV(E)", "CV(K)", "CV(PPL)",
-            "CV(E) − min(CV(K), CV(PPL))", "E conserved?", "std(log E)", "√(std²(log K)+std²(s))", "ratio", "log E far below?", "corr(log K, s)",
+            "CV(E) − min(CV(K), CV(PPL))", "E conserved?", "std(log E)", "√(std²(log K)+std²(s))", "ratio",
+            "log E far below?", "corr(log K, s)",
             "CV(ℓ)")
     rows = []
     for m in r.models:
@@ -184,7 +185,8 @@ def main_table(r: Run, scope: str = ALL) -> str:
         rows.append([m, _kind(r, m), _tokens_of(m), str(int(g("windows")[0])), ci(g("seq_mean_surprisal")),
                      ci(g("seq_mean_log_kinetic")), _cv_cell(r, m, "energy", scope=scope),
                      _cv_cell(r, m, "kinetic", scope=scope), _cv_cell(r, m, "ppl", scope=scope),
-                     ci(g("seq_margin")), _conserved(r, m, scope=scope), ci(g("seq_std_log_energy")), ci(indep), ci(g("seq_std_ratio")),
+                     ci(g("seq_margin")), _conserved(r, m, scope=scope), ci(g("seq_std_log_energy")), ci(indep),
+                     ci(g("seq_std_ratio")),
                      verdict(g("seq_std_ratio") - FAR_BELOW), ci(g("seq_corr"), 2),
                      _cv_cell(r, m, "log_lagrangian", scope=scope)])
     return _table(head, rows)
@@ -366,7 +368,8 @@ def answer_paper(r: Run) -> str:
                      f"{fmt(sp['random'][0])} – {fmt(sp['random'][1])}", " / ".join(ok)])
     fits = [label for label, ok in matches if all(o == "yes" for o in ok)]
     text = _table(head, rows) + "\n"
-    text += (f"log K {'matches' if inside(lk['trained'], (PAPER_LOG_K - 1, PAPER_LOG_K + 1)) == 'yes' else 'does not clearly match'} "
+    log_k_fits = inside(lk["trained"], (PAPER_LOG_K - 1, PAPER_LOG_K + 1)) == "yes"
+    text += (f"log K {'matches' if log_k_fits else 'does not clearly match'} "
              "the paper's ≈ 7 for the trained models. "
              + (f"Of the readings of the potential tested here, {', '.join(fits)} falls inside the paper's ranges for "
                 "both kinds of model." if fits else
@@ -586,7 +589,8 @@ def write(scan_root: Path, report: Path, *, plots: Optional[Path] = None,
                          f"package {cp['package']}, dequantised to {cp['dtype']}.")
     lines += ["", "## Per model, all corpora (per-window figures)", "",
               "K from the final post-norm state, pairing K_t with s_t. \"E conserved?\": CV(E) below both CV(K) and "
-              "CV(PPL), i.e. the margin CV(E) − min(CV(K), CV(PPL)) below 0 over its whole interval. \"ratio\" = std(log E) / √(std²(log K) + std²(s)): 1 when log K and s are independent, 0 when "
+              "CV(PPL), i.e. the margin CV(E) − min(CV(K), CV(PPL)) below 0 over its whole interval. "
+              "\"ratio\" = std(log E) / √(std²(log K) + std²(s)): 1 when log K and s are independent, 0 when "
               f"they cancel exactly; \"log E far below?\": ratio below {FAR_BELOW}.", "", main_table(r), "",
               "## Answers", "",
               "**1. Is E conserved (CV(E) below both CV(K) and CV(PPL))?** " + answer_conservation(r), "",
