@@ -1,5 +1,5 @@
 """Corpus scans: stream text through models in fixed windows, compute the energy and its parts per token,
-aggregate per model with the controls of shared/design/science.md, and write tables, plots and reports.
+aggregate per model with the controls of the findings report (docs/definitions.md), and write tables, plots and reports.
 
 Public API:
     run_scan(ScanConfig(...), out_dir) -> ScanResult   (also under torchrun: each rank scans a share)

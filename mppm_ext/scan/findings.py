@@ -1,12 +1,13 @@
 """The reproduction report: one command scans the trained models and their random twins, random-weight
-models of five families at their real sizes, with every control, and writes ``docs/findings.md`` whose
-numbers and answers are all computed from that run.
+models of six families at their real sizes reading the trained model's tokens (plus one byte-level control),
+with every control, on each fetched corpus, and writes ``docs/findings.md`` whose numbers, intervals and
+answers are all computed from that run (:mod:`.findings_report`).
 
     python -m mppm_ext.scan.findings                  # or: mppm findings
-    python -m mppm_ext.scan.findings --from-scan docs/findings/scan   # rewrite the report only
+    python -m mppm_ext.scan.findings --from-scan docs/findings/scan   # rewrite the report and plots only
 
-Defaults take about 9 minutes on a 2-core CPU (8,192 scanned tokens per model; see DEFAULT_*); the
-report states the token count and the time the run took."""
+The defaults (2,048 scanned tokens per model and corpus, four corpora; see DEFAULT_*) are sized for about 10
+minutes on a shared 2-core CPU; the report states the token count and the time the run took."""
 
 from __future__ import annotations
 

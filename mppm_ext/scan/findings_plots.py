@@ -15,7 +15,7 @@ import numpy as np
 
 from . import intervals as I
 from .output import read_tokens
-from .report import SCATTER_POINTS, _pyplot, _slug
+from .report import SCATTER_POINTS, _pyplot, _slug, plot_sequence
 
 BARS = (("energy", "CV(E)"), ("kinetic", "CV(K)"), ("ppl", "CV(PPL)"), ("log_energy", "CV(log E)"))
 
@@ -94,25 +94,6 @@ def plot_scatter(plt, r, tokens: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_sequence(plt, tok: dict, corpus: str, model: str, path: Path) -> None:
-    rows = (tok["model"] == model) & (tok["variant"] == "base")
-    window = tok["window"][rows].min()
-    first = rows & (tok["window"] == window)
-    t = tok["t"][first]
-    fig, axes = plt.subplots(4, 1, figsize=(9, 8), sharex=True)
-    for ax, name, label in zip(axes, ("log_energy", "log_kinetic", "surprisal", "log_lagrangian"),
-                               ("log E = log K + s", "log K", "surprisal s (nats)", "ℓ = log K − s")):
-        ax.plot(t, tok[name][first], lw=0.9)
-        ax.set_ylabel(label, fontsize=8)
-    axes[-1].set_xlabel("position t in the window")
-    doc = int(tok["document"][first][0])
-    axes[0].set_title(f"{model}: corpus {corpus}, window {int(window)} (document {doc}, tokens "
-                      f"{int(tok['position'][first].min())}–{int(tok['position'][first].max())})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def write_plots(r, out: Path) -> list[tuple[str, Path]]:
     """Write the plots for run ``r`` into ``out``; returns (label, path) in report order."""
     plt = _pyplot()
@@ -126,7 +107,7 @@ def write_plots(r, out: Path) -> list[tuple[str, Path]]:
     keep = set()
     for model in r.models:
         path = out / f"sequence_{_slug(model)}.png"
-        plot_sequence(plt, tokens[0], r.corpora[0], model, path)
+        plot_sequence(plt, tokens[0], model, path, corpus=r.corpora[0])
         keep.add(path.name)
         written.append((f"{model} along one window", path))
     for stale in out.glob("sequence_*.png"):

@@ -101,8 +101,14 @@ def read_tokens(out_dir: Path) -> dict[str, np.ndarray]:
 
 
 def _cell(v) -> str:
+    """A table cell: numbers (also numbers read back from a CSV as text) to 4 significant digits."""
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            return v
     if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.6g}"
+        return "nan" if math.isnan(v) else f"{v:.4g}"
     return str(v)
 
 

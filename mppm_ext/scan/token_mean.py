@@ -1,4 +1,4 @@
-"""The token-identity control (science.md): b[x] = mean hidden state over the held-out positions holding
+"""The token-identity control: b[x] = mean hidden state over the held-out positions holding
 token x, subtracted from h_t before differencing, so that K measures motion the current token's identity
 does not explain."""
 
