@@ -6,8 +6,8 @@ answers are all computed from that run (:mod:`.findings_report`).
     python -m mppm_ext.scan.findings                  # or: mppm findings
     python -m mppm_ext.scan.findings --from-scan docs/findings/scan   # rewrite the report and plots only
 
-The defaults (2,048 scanned tokens per model and corpus, four corpora; see DEFAULT_*) are sized for about 10
-minutes on a shared 2-core CPU; the report states the token count and the time the run took."""
+Defaults: 2,048 scanned tokens per model and corpus, four corpora (see DEFAULT_*); the committed run took 42
+minutes on 2 heavily shared CPU cores. The report states the token count and the time the run took."""
 
 from __future__ import annotations
 

@@ -99,9 +99,7 @@ def fmt(x: float, digits: int = 3) -> str:
     """A number for the report: 3 significant digits, no exponent below 1e5, 'n/a' for NaN."""
     if x is None or not math.isfinite(x):
         return "n/a" if x is None or math.isnan(x) else ("∞" if x > 0 else "−∞")
-    if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
-        return f"{x:.2e}"
-    text = f"{x:.{digits}g}"
+    text = f"{x:.2e}" if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3) else f"{x:.{digits}g}"
     return text.replace("-", "−")
 
 
@@ -122,7 +120,7 @@ def verdict(values: np.ndarray, threshold: float = 0.0) -> str:
 
 
 def _count(labels: Sequence[str]) -> str:
-    return ", ".join(f"{labels.count(v)} {v}" for v in ("yes", "no", "undecided") if labels.count(v))
+    return ", ".join(f"{labels.count(v)} {v}" for v in ("yes", "no", "undecided", "undefined") if labels.count(v))
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -555,6 +553,17 @@ DEFINITIONS = (
     "CV = std / |mean| (population std).")
 
 
+def _identical(r: Run) -> list[tuple[str, str]]:
+    """Pairs of models whose base statistics agree in every replicate (the same weights reading the same tokens)."""
+    out = []
+    for i, a in enumerate(r.models):
+        for b in r.models[i + 1:]:
+            sa, sb = r.stats[(ALL, a, BASE, "same")], r.stats[(ALL, b, BASE, "same")]
+            if all(np.array_equal(sa[k], sb[k], equal_nan=True) for k in ("seq_cv_energy", "pooled_corr", "positions")):
+                out.append((a, b))
+    return out
+
+
 def _rel(target: Path, start: Path) -> str:
     return Path(os.path.relpath(target.resolve(), start.resolve())).as_posix()
 
@@ -605,6 +614,11 @@ def write(scan_root: Path, report: Path, *, plots: Optional[Path] = None,
         f"{meta0['versions'].get('transformers', 'n/a')}, git {meta0.get('git_sha') or 'unknown'}"
         + (f"; the whole run took {elapsed:.0f} s ({elapsed / 60:.1f} min)." if elapsed is not None else "."),
     ]
+    twins = _identical(r)
+    if twins:
+        lines.append("- Identical weights: " + "; ".join(f"{a} and {b}" for a, b in twins) + " have the same "
+                     "architecture, tokenizer and seed, so their per-token parts and every figure agree exactly; "
+                     "both rows are kept.")
     for cp in r.run.get("checkpoints", []):
         if "checkpoint" in cp:
             lines.append(f"- Trained checkpoint {cp['model']}: {cp['checkpoint']}; file `{cp['file']}` from the "
