@@ -190,3 +190,15 @@ def test_findings_end_to_end_on_tiny_models(tmp_path, monkeypatch):
                      str(tmp_path / "findings"), "--report", str(again)]) == 0
     assert again.read_text() == text
     assert math.isfinite(float(summary[0]["pooled_cv_energy"]))
+
+
+def test_random_models_can_read_another_tokenizer():
+    pytest.importorskip("transformers")
+    from mppm_ext import models
+    from mppm_ext.models import registry
+    from mppm_ext.models.tokenizer import byte_tokenizer
+
+    config = registry.with_tokenizer(registry.config_for("gpt2-tiny")[1], byte_tokenizer())
+    assert config.vocab_size == 257 and config.pad_token_id == 256
+    with pytest.raises(ValueError, match="not a trained model"):
+        models.load("random:gpt2-tiny@no-such-model")
