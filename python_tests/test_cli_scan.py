@@ -1,4 +1,4 @@
-"""``mppm scan``, ``mppm report`` and ``mppm findings`` end to end on tiny random models, and their answers
+"""``mppm scan`` and ``mppm report`` end to end on tiny random models, and their answers
 to bad input: one line on stderr and exit status 2, never a traceback."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from mppm_ext.scan import cli, findings, output  # noqa: E402
+from mppm_ext.scan import cli, output  # noqa: E402
 from mppm_ext.scan._optional import MissingDependencyError  # noqa: E402
 
 SCAN = ["scan", "--model", "random:gpt2-tiny", "--model", "random:opt-tiny", "--corpus", "tiny", "--window", "32",
@@ -72,59 +72,6 @@ def test_csv_fallback_without_pyarrow(tmp_path, monkeypatch):
     assert (tmp_path / "tokens.csv").exists() and not (tmp_path / "tokens.parquet").exists()
     tokens = output.read_tokens(tmp_path)
     assert len(tokens["token"]) == 48 and tokens["valid"].dtype == bool
-
-
-def test_findings_end_to_end_on_tiny_models(tmp_path, monkeypatch):
-    from mppm_ext.models import loading
-
-    # Whether SmolLM2 is installed here or not, the test scans tiny models only and reports it as skipped.
-    monkeypatch.setattr(loading, "installed_gguf", lambda name: None)
-    report = tmp_path / "findings.md"
-    args = ["findings", "--out", str(tmp_path / "findings"), "--report", str(report), "--models", "smollm2-135m",
-            "random:gpt2-tiny", "random:pythia-tiny", "--window", "24", "--max-tokens", "120", "--batch-size", "4",
-            "--no-progress"]
-    assert cli.main(args) == 0
-    text = report.read_text()
-    summary = _rows(tmp_path / "findings" / "scan" / "summary.csv")
-    base = [r for r in summary if r["variant"] == "base" and r["pairing"] == "same"]
-    assert [r["model"] for r in base] == ["random:gpt2-tiny", "random:pythia-tiny"]
-    for r in base:  # the table's numbers are the run's numbers
-        assert f"| {r['model']} | no |" in text
-        assert findings._fmt(float(r["pooled_cv_energy"])) in text
-    assert "**120 scanned tokens per model**" in text
-    assert "Not scanned (not installed; `mppm setup` installs them): smollm2-135m." in text
-    for q in ("**1. Is CV(E) below both CV(K) and CV(PPL)?**", "**2. Does the additive", "**3. Do random models",
-              "**4. Does subtracting"):
-        assert q in text
-    assert "![CV bars](findings/cv_bars.png)" in text
-    # Rewriting from the tables gives the same answers.
-    again = tmp_path / "again.md"
-    assert cli.main(["findings", "--from-scan", str(tmp_path / "findings" / "scan"), "--out",
-                     str(tmp_path / "findings"), "--report", str(again)]) == 0
-    assert again.read_text() == text
-
-
-def _row(model, trained, cv_e, cv_k, cv_ppl, s, log_v, cv_s=0.1, corr=-0.1, **extra):
-    return {"model": model, "trained": str(trained), "variant": "base", "pairing": "same", "pooled_cv_energy": cv_e,
-            "pooled_cv_kinetic": cv_k, "pooled_cv_ppl": cv_ppl, "pooled_mean_surprisal": s, "log_vocab": log_v,
-            "pooled_cv_surprisal": cv_s, "pooled_corr": corr, **extra}
-
-
-def test_findings_answers_follow_the_numbers():
-    conserved = _row("a", True, 0.1, 0.5, 0.6, 2.0, 10.0)
-    not_conserved = _row("b", True, 0.7, 0.5, 0.6, 2.0, 10.0)
-    assert findings.conserved(conserved) and not findings.conserved(not_conserved)
-    assert "Only for some models" in findings.answer_conservation(
-        [{**conserved, "pooled_mean_log_energy": 1, "pooled_cv_log_energy": 0.1, "pooled_mean_log_kinetic": 1,
-          "pooled_cv_log_kinetic": 1, "pooled_cv_surprisal": 1},
-         {**not_conserved, "pooled_mean_log_energy": 1, "pooled_cv_log_energy": 2, "pooled_mean_log_kinetic": 1,
-          "pooled_cv_log_kinetic": 1, "pooled_cv_surprisal": 1}])
-    pinned = [_row("t", True, 0.8, 0.5, 0.9, 2.0, 10.0), _row("r", False, 0.5, 0.5, 0.01, 9.9, 10.0, cv_s=0.001)]
-    text = findings.answer_random(pinned)
-    assert text.startswith("**Yes**") and "99% of log V" in text and "that is the whole story" in text
-    steadier = [_row("t", True, 0.8, 0.5, 0.9, 2.0, 10.0), _row("r", False, 0.2, 0.2, 0.01, 9.9, 10.0, cv_s=0.001)]
-    assert "Not only that" in findings.answer_random(steadier)
-    assert "Cannot say" in findings.answer_random([pinned[1]])
 
 
 @pytest.mark.parametrize("argv, message", [

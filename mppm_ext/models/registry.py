@@ -121,6 +121,18 @@ def random_names() -> list[str]:
     return [f"random:{family}-{size}" for family, sizes in FAMILIES.items() for size in sizes]
 
 
+def with_tokenizer(config: PretrainedConfig, tokenizer) -> PretrainedConfig:
+    """A copy of ``config`` for ``tokenizer``: vocabulary of ``len(tokenizer)`` and its special-token ids
+    (the byte tokenizer's id 256 may mean another token there, or none)."""
+    out = config.__class__.from_dict(config.to_dict())
+    out.vocab_size = len(tokenizer)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    out.eos_token_id = eos
+    out.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    out.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return out
+
+
 def config_for(spec: str) -> tuple[str, PretrainedConfig]:
     """(family, config) for ``<family>-<size>``, e.g. ``llama-135m``; ValueError naming the choices otherwise."""
     family, sep, size = spec.partition("-")

@@ -101,8 +101,14 @@ def read_tokens(out_dir: Path) -> dict[str, np.ndarray]:
 
 
 def _cell(v) -> str:
+    """A table cell: numbers (also numbers read back from a CSV as text) to 4 significant digits."""
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            return v
     if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.6g}"
+        return "nan" if math.isnan(v) else f"{v:.4g}"
     return str(v)
 
 
@@ -169,8 +175,12 @@ def metadata(result) -> dict:
         "device": result.device,
         "heldout_split": result.heldout,
         "tokenisation": "no special tokens; windows never cross a document boundary",
+        # "scanned_tokens" is what the tables count; "forwarded_tokens" adds the shuffle control's second pass
+        # over the same windows (twice the scanned count when it is on); held-out windows are not counted.
         "models": [{"label": s.label, **s.info, "windows": len(s.windows), "dropped_short_windows": s.dropped_short,
-                    "token_mean_coverage": s.coverage, **s.timing} for s in result.models],
+                    "token_mean_coverage": s.coverage, "scanned_tokens":
+                    int((s.parts["base"][0] >= 0).sum()), "forwarded_tokens": s.timing["tokens"],
+                    **{k: v for k, v in s.timing.items() if k != "tokens"}} for s in result.models],
     }
 
 

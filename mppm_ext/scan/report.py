@@ -13,6 +13,7 @@ import numpy as np
 from ._optional import require
 from .output import MARKDOWN_COLUMNS, markdown_table, read_csv, read_tokens
 
+LABELS = {"energy": "CV(E)", "kinetic": "CV(K)", "ppl": "CV(PPL)", "log_energy": "CV(log E)"}
 #: Points per model in the scatter plot (a random subsample beyond this: the PNG stays small).
 SCATTER_POINTS = 4000
 
@@ -33,18 +34,22 @@ def _base(tokens: dict, model: str) -> np.ndarray:
     return (tokens["model"] == model) & (tokens["variant"] == "base")
 
 
-def plot_sequence(plt, tokens: dict, model: str, path: Path) -> None:
-    """Energy and its parts along the model's first scanned window (base state, "same" pairing)."""
+def plot_sequence(plt, tokens: dict, model: str, path: Path, corpus: str = "") -> None:
+    """Energy and its parts along the model's first scanned window (base state, "same" pairing); the title
+    names the window (corpus, window index, document, token span)."""
     rows = _base(tokens, model)
-    first = rows & (tokens["window"] == tokens["window"][rows].min())
+    window = tokens["window"][rows].min()
+    first = rows & (tokens["window"] == window)
     t = tokens["t"][first]
     fig, axes = plt.subplots(4, 1, figsize=(9, 8), sharex=True)
-    for ax, name, label in zip(axes, ("log_energy", "log_kinetic", "surprisal", "additive_energy"),
-                               ("log E = log K + s", "log K", "surprisal s", "additive K + log p")):
+    for ax, name, label in zip(axes, ("log_energy", "log_kinetic", "surprisal", "log_lagrangian"),
+                               ("log E = log K + s", "log K", "surprisal s (nats)", "ℓ = log K − s")):
         ax.plot(t, tokens[name][first], lw=0.9)
         ax.set_ylabel(label, fontsize=8)
-    axes[-1].set_xlabel("position t in window")
-    axes[0].set_title(f"{model}: energy and its parts along one window")
+    axes[-1].set_xlabel("position t in the window")
+    span = tokens["position"][first]
+    axes[0].set_title(f"{model}: {'corpus ' + corpus + ', ' if corpus else ''}window {int(window)} (document "
+                      f"{int(tokens['document'][first][0])}, tokens {int(span.min())}–{int(span.max())})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -76,16 +81,22 @@ def plot_cv_bars(plt, summary: list[dict], path: Path) -> None:
     """Pooled CV of E, K and PPL (base state, "same" pairing) per model, trained models first."""
     rows = [r for r in summary if r["variant"] == "base" and r["pairing"] == "same"]
     rows.sort(key=lambda r: (r["trained"] != "True", r["model"]))
-    names = ("energy", "kinetic", "ppl", "additive_energy")
+    from matplotlib.ticker import FuncFormatter
+
+    names = ("energy", "kinetic", "ppl", "log_energy")
     x = np.arange(len(rows))
     width = 0.8 / len(names)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) + 2), 4.5))
     for i, name in enumerate(names):
         values = [float(r[f"pooled_cv_{name}"]) for r in rows]
-        ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width, label=f"CV({name})")
+        ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width, label=LABELS[name])
     ax.set_xticks(x, [f"{r['model']}\n({'trained' if r['trained'] == 'True' else 'random'})" for r in rows],
                   fontsize=7, rotation=30, ha="right")
     ax.set_yscale("log")
+    # The axis starts at the decade below the smallest bar, with plain tick labels (0.01, 0.1, 1, ...).
+    smallest = min(float(r[f"pooled_cv_{n}"]) for r in rows for n in names if float(r[f"pooled_cv_{n}"]) > 0)
+    ax.set_ylim(bottom=10 ** np.floor(np.log10(smallest)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_ylabel("pooled CV (log scale)")
     ax.set_title("Is E conserved? CV(E) against its parts' CVs")
     ax.legend(fontsize=8)
