@@ -221,8 +221,10 @@ void energy(py::handle hidden_c, py::handle logits_c, py::handle tokens_c, py::o
   switch (status.fault) {
     case EnergyFault::None: return;
     case EnergyFault::TokenOutOfRange:
-      throw ArgumentError("tokens holds id " + std::to_string(status.token) + s.str() +
-                          ", outside the vocabulary [0, " + std::to_string(p.V) + ")");
+      // The wording of mppm_ext._validate.token_range, which the other backends raise.
+      throw ArgumentError("tokens[" + std::to_string(status.b) + ", " + std::to_string(status.t) + "] = " +
+                          std::to_string(status.token) + " is outside the vocabulary [0, " + std::to_string(p.V) +
+                          ")");
     case EnergyFault::NonFiniteLogits:
       throw ArgumentError("logits holds NaN or inf in the row" + s.str());
     case EnergyFault::NonFiniteHidden:

@@ -153,7 +153,7 @@ class TestCompiledModuleDirectly:
         ({"logits": torch.zeros(B, T, V, dtype=torch.float64)}, TypeError, "logits has dtype float64"),
         ({"logits": torch.zeros(B, T, 2 * V)[..., ::2]}, ValueError, "contiguous in its last dimension"),
         ({"tokens": torch.zeros(B, T)}, TypeError, "tokens has dtype float32"),
-        ({"tokens": torch.full((B, T), V)}, ValueError, "tokens holds id 50 at batch 0, position 0"),
+        ({"tokens": torch.full((B, T), V)}, ValueError, r"tokens\[0, 0\] = 50 is outside the vocabulary \[0, 50\)"),
         ({"mask": torch.ones(B, T, dtype=torch.int64)}, TypeError, "mask has dtype int64"),
         ({"out_tokens": torch.empty(8, B, T + 1)}, ValueError, r"out_tokens.shape\[2\]"),
         ({"out_stats": torch.empty(28, B).t()}, ValueError, "out_stats must be a contiguous tensor"),

@@ -104,10 +104,12 @@ def test_pooled_statistics_are_over_every_used_position():
     used = ~lp.isnan() & ~kin.isnan() & (kin > 0)
     log_e = (torch.log(kin) - lp)[used]
     assert row["positions"] == int(used.sum()) and row["zero_kinetic"] == 1
-    assert row["pooled_mean_log_energy"] == pytest.approx(float(log_e.mean()), rel=1e-12)
-    assert row["pooled_cv_log_energy"] == pytest.approx(float(log_e.std(unbiased=False) / log_e.mean().abs()), rel=1e-12)
+    # The per-token quantities come from the compiled finish, whose per-token outputs are float32: the
+    # pooled figures carry that rounding (a few 1e-8 relative), not the float64 accumulation's.
+    assert row["pooled_mean_log_energy"] == pytest.approx(float(log_e.mean()), rel=1e-6)
+    assert row["pooled_cv_log_energy"] == pytest.approx(float(log_e.std(unbiased=False) / log_e.mean().abs()), rel=1e-6)
     k, s = torch.log(kin)[used], -lp[used]
-    assert row["pooled_corr"] == pytest.approx(float(torch.corrcoef(torch.stack([k, s]))[0, 1]), rel=1e-10)
+    assert row["pooled_corr"] == pytest.approx(float(torch.corrcoef(torch.stack([k, s]))[0, 1]), rel=1e-6)
     assert sum(h["count"] for h in histograms if h["quantity"] == "kinetic") == int(used.sum())
     median = next(q["value"] for q in quantiles if q["quantity"] == "surprisal" and q["quantile"] == 0.5)
     assert median == pytest.approx(float(s.median()), rel=0.2)
