@@ -76,8 +76,10 @@ def _parts(impl: str, hidden: Tensor, logits: Tensor, tokens: Tensor, real: Tens
     else:
         from .triton.energy import energy_parts
 
-        log_prob, kinetic = energy_parts(check.unit_last_stride(hidden), check.unit_last_stride(logits), safe, real)
-        parts = Parts.of(log_prob, kinetic, real)
+        planes = energy_parts(check.unit_last_stride(hidden), check.unit_last_stride(logits), safe, safe, real, real,
+                              1.0)
+        # Parts holds two planes until the finish takes four (issue 12): entropy and logsumexp wait.
+        parts = Parts.of(planes[0], planes[1], real)
     scored = (parts.defined & DEFINED_LOG_PROB) != 0
     faults = [(real & ((tokens < 0) | (tokens >= V))).any(), *check.non_finite_parts(parts)]
     if impl == "reference":  # the fused kernels reject any non-finite logit of a scored row, -inf included

@@ -207,7 +207,7 @@ def log_prob_pass(impl: str, hidden: Tensor, weight: Tensor, bias: Optional[Tens
     if impl == "triton":
         from .triton import linear
 
-        log_prob = linear.token_log_prob_from_hidden(hidden, weight, bias, targets)
+        log_prob = linear.token_log_prob_from_hidden(hidden, weight, bias, targets, 1.0)[0]
         return log_prob, ~torch.isfinite(log_prob)
     s = _stream(hidden, weight, bias, targets, moments=False, fold=_fold(impl))
     return s.picked - s.lse, s.bad
@@ -225,7 +225,7 @@ def moments_pass(impl: str, hidden: Tensor, weight: Tensor,
     if impl == "triton":
         from .triton import linear
 
-        lse, wbar = linear.softmax_moments(hidden, weight, bias)
+        lse, wbar = linear.softmax_moments(hidden, weight, bias, 1.0)
         return lse, wbar, ~(torch.isfinite(lse) & torch.isfinite(wbar).all(-1))
     s = _stream(hidden, weight, bias, None, moments=True, fold=_fold(impl))
     return s.lse, s.wbar.float(), s.bad
