@@ -85,8 +85,8 @@ def _energy_kernel(hidden_ptr, logits_ptr, labels_ptr, real_ptr, scored_ptr, out
             m, s, u = _fold(tl.load(logits_ptr + start + lane).to(tl.float32), m, s, u, inv_t, inv_t32)
         lane = tl.arange(0, BLOCK_TAIL)
         for start in range(head + n_full * BLOCK_V, V, BLOCK_TAIL):
-            z = tl.load(logits_ptr + row_off + start + lane, mask=start + lane < V, other=float("-inf"))
-            m, s, u = _fold(z.to(tl.float32), m, s, u, inv_t, inv_t32)
+            tail = tl.load(logits_ptr + row_off + start + lane, mask=start + lane < V, other=float("-inf"))
+            m, s, u = _fold(tail.to(tl.float32), m, s, u, inv_t, inv_t32)
         # lse finished in fp64: the per-sequence statistics of log p are then as exact as the C++
         # kernel's (csrc/cpu/row_kernels.inc), which also sums in double.
         lse, entropy = online.finish(m, s, u, inv_t)
