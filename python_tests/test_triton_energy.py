@@ -92,7 +92,7 @@ def test_mixed_dtypes(hidden_dtype, logits_dtype):
 @pytest.mark.parametrize("temperature", [0.5, 2.0, 0.7])
 @pytest.mark.parametrize("V", [17, 2053])
 def test_temperature(dtype, temperature, V):
-    """Inside every softmax quantity; 0.7 has no exact inverse, which the kernel takes in float64."""
+    """Inside every softmax quantity, not in K; 0.7 has no exact binary inverse."""
     hidden, logits, tokens = make_inputs(2, 6, 9, V, hidden_dtype=dtype, logits_dtype=dtype, device=DEVICE)
     at_one = check(hidden, logits, tokens)
     scaled = check(hidden, logits, tokens, temperature=temperature)
