@@ -1,5 +1,6 @@
-// Per-position and per-sequence arithmetic of the `energy` op, written once for the CPU and CUDA
-// kernels so that both produce the same numbers from the same log-prob and kinetic values.
+// Per-position and per-sequence arithmetic of the `energy` op's row pass and of its finish
+// (finish.h), written once for the CPU and CUDA kernels so that both produce the same numbers from
+// the same log-prob and kinetic values.
 // Everything here works in double: it touches O(N) values, so its cost is nothing next to reading
 // the O(N*V) logits, and double keeps exp(log K + s) from overflowing for any realistic input.
 #pragma once
@@ -9,6 +10,7 @@
 #include <limits>
 
 #include "mppm/energy.h"
+#include "mppm/finish.h"
 
 #if defined(__CUDACC__)
 #define MPPM_HD __host__ __device__ __forceinline__
@@ -41,13 +43,14 @@ MPPM_HD bool is_valid(uint8_t defined) {
 // What the row pass of the energy op keeps of one position: its kDefined* bits and the full-precision
 // log_prob and kinetic (0 where undefined), the parts that the finish reads back.
 MPPM_HD void record_parts(const EnergyParams& p, int64_t idx, bool has_lp, double lp, bool has_k, double k) {
+  const int64_t plane = p.B * p.T;
   p.out_defined[idx] = defined_bits(has_lp, has_k);
-  p.scratch[idx] = lp;
-  p.scratch[p.B * p.T + idx] = k;
+  p.scratch[kPartLogProb * plane + idx] = lp;
+  p.scratch[kPartKinetic * plane + idx] = k;
 }
 
 // Writes the eight per-token planes for position `idx` (= b*T + t) of a [q, B, T] block from its
-// kDefined* bits and parts. Undefined entries get 0 (see energy.h) and their parts are not read.
+// kDefined* bits and parts. Undefined entries get 0 (see energy.h) whatever their parts hold.
 MPPM_HD void write_token_quantities(float* out_tokens, int64_t plane, int64_t idx, uint8_t defined, double lp,
                                     double k) {
   const bool has_lp = (defined & kDefinedLogProb) != 0;
