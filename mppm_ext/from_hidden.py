@@ -65,7 +65,7 @@ def energy_from_hidden(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: 
     check.float_dtypes(impl == "reference", hidden=hidden, weight=weight, bias=bias)
     B, T, _ = hidden.shape
     if not check.has_data(hidden):  # meta tensors: shapes only
-        result = finish(Parts(torch.empty(2, B, T, dtype=torch.float64, device=device),
+        result = finish(Parts(torch.empty(4, B, T, dtype=torch.float64, device=device),
                               torch.empty(B, T, dtype=torch.uint8, device=device)))
     else:
         with torch.no_grad():
@@ -106,7 +106,7 @@ def _energy_from_hidden(hidden, weight, tokens, bias, norm, kinetic_state, mask,
     ])
     if bool(faults.any()):
         _raise_first(faults.tolist(), tokens, real, used, hidden, post, bias, weight, scored, bad_rows.view(B, T - 1))
-    return finish(Parts(torch.stack([log_prob, kin]), parts_bits))
+    return finish(Parts.of(log_prob, kin, real))
 
 
 def _raise_first(faults, tokens, real, used, hidden, post, bias, weight, scored, bad_rows) -> None:

@@ -60,7 +60,8 @@ def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, attention_mask: Op
 def _fused(hidden, logits, tokens, mask, ignore_index):
     from .ops import energy_op
 
-    return energy_op(check.unit_last_stride(hidden), check.unit_last_stride(logits), tokens, mask, ignore_index)
+    return energy_op(check.unit_last_stride(hidden), check.unit_last_stride(logits), tokens, tokens, mask, ignore_index,
+                     1.0)
 
 
 def _parts(impl: str, hidden: Tensor, logits: Tensor, tokens: Tensor, real: Tensor) -> Parts:

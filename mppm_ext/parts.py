@@ -2,26 +2,31 @@
 :func:`mppm_ext.energy_from_hidden` (and the scans and steered generation) produces, and the one compiled
 finish that turns parts into every derived quantity and per-sequence statistic.
 
-A backend computes, per position t of sequence b, the two parts
-    log_prob[b, t]  log p(x_{t+1} | state t), defined where tokens t and t+1 are real,
-    kinetic[b, t]   K_t = ½‖h_t − h_{t−1}‖², defined where tokens t−1 and t are real,
+A backend computes, per position t of sequence b, the four parts
+    log_prob[b, t]   log p(x_{t+1} | state t), defined where tokens t and t+1 are real,
+    kinetic[b, t]    K_t = ½‖h_t − h_{t−1}‖², defined where tokens t−1 and t are real,
+    entropy[b, t],   the entropy and logsumexp of the softmax at state t, defined where state t is real,
+    logsumexp[b, t]
 and says which are defined. :func:`finish` hands them to the ``mppm_ext::energy_finish`` op
 (csrc/include/mppm/finish.h: the same C++ / CUDA code the fused ``energy`` kernels finish with), so that
-the eight per-token planes and the statistics are computed once, in one place, for every backend.
+the ten per-token planes and the statistics are computed once, in one place, for every backend.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .results import EnergyResult, unpack_energy
 
-#: Bits of ``Parts.defined`` (kDefinedLogProb / kDefinedKinetic in csrc/include/mppm/energy.h).
+#: Bits of ``Parts.defined`` (kDefinedLogProb / kDefinedKinetic / kDefinedState in
+#: csrc/include/mppm/energy.h).
 DEFINED_LOG_PROB = 1
 DEFINED_KINETIC = 2
+DEFINED_STATE = 4
 
 
 @dataclass(frozen=True)
@@ -29,20 +34,22 @@ class Parts:
     """The parts of a batch of sequences.
 
     Attributes:
-        planes: ``[2, B, T]`` float64, contiguous: plane 0 log p_t, plane 1 K_t (values where a part is
-            not defined are ignored by the finish).
-        defined: ``[B, T]`` uint8 bits: DEFINED_LOG_PROB | DEFINED_KINETIC.
+        planes: ``[4, B, T]`` float64, contiguous: plane 0 log p_t, plane 1 K_t, plane 2 the entropy,
+            plane 3 the logsumexp (values where a part is not defined are ignored by the finish).
+        defined: ``[B, T]`` uint8 bits: DEFINED_LOG_PROB | DEFINED_KINETIC | DEFINED_STATE.
     """
 
     planes: Tensor
     defined: Tensor
 
     @classmethod
-    def of(cls, log_prob: Tensor, kinetic: Tensor, real: Tensor) -> "Parts":
-        """Parts from ``[B, T]`` log p_t and K_t (any float dtype, any value where undefined) and the
-        ``[B, T]`` bool ``real`` tokens, which decide what is defined."""
-        planes = torch.stack([log_prob, kinetic]).to(torch.float64).contiguous()
-        return cls(planes, defined_bits(real))
+    def of(cls, log_prob: Tensor, kinetic: Tensor, real: Tensor, entropy: Optional[Tensor] = None,
+           logsumexp: Optional[Tensor] = None) -> "Parts":
+        """Parts from ``[B, T]`` log p_t and K_t (any float dtype, any value where undefined), the entropy
+        and logsumexp (NaN planes when not given) and the ``[B, T]`` bool ``real`` tokens, which decide
+        what is defined."""
+        planes = torch.stack([log_prob, kinetic, _or_nan(entropy, log_prob), _or_nan(logsumexp, log_prob)])
+        return cls(planes.to(torch.float64).contiguous(), defined_bits(real))
 
     @classmethod
     def where_not_nan(cls, log_prob: Tensor, kinetic: Tensor) -> "Parts":
@@ -50,7 +57,12 @@ class Parts:
         scans)."""
         defined = ((~log_prob.isnan()).to(torch.uint8) * DEFINED_LOG_PROB
                    + (~kinetic.isnan()).to(torch.uint8) * DEFINED_KINETIC)
-        return cls(torch.stack([log_prob, kinetic]).to(torch.float64).nan_to_num(0.0).contiguous(), defined)
+        planes = torch.stack([log_prob, kinetic, _or_nan(None, log_prob), _or_nan(None, log_prob)])
+        return cls(planes.to(torch.float64).nan_to_num(0.0).contiguous(), defined)
+
+
+def _or_nan(plane: Optional[Tensor], like: Tensor) -> Tensor:
+    return torch.full_like(like, float("nan")) if plane is None else plane
 
 
 def real_tokens(tokens: Tensor, attention_mask, ignore_index: int) -> Tensor:
@@ -63,12 +75,13 @@ def real_tokens(tokens: Tensor, attention_mask, ignore_index: int) -> Tensor:
 
 def defined_bits(real: Tensor) -> Tensor:
     """``[B, T]`` uint8 parts bits from ``real`` ``[B, T]`` bool: log p_t needs tokens t and t+1, K_t
-    needs tokens t−1 and t."""
+    needs tokens t−1 and t, the entropy and logsumexp need token t."""
     has_lp = torch.zeros_like(real)
     has_lp[:, :-1] = real[:, :-1] & real[:, 1:]
     has_k = torch.zeros_like(real)
     has_k[:, 1:] = has_lp[:, :-1]
-    return has_lp.to(torch.uint8) * DEFINED_LOG_PROB + has_k.to(torch.uint8) * DEFINED_KINETIC
+    return (has_lp.to(torch.uint8) * DEFINED_LOG_PROB + has_k.to(torch.uint8) * DEFINED_KINETIC
+            + real.to(torch.uint8) * DEFINED_STATE)
 
 
 def finish(parts: Parts) -> EnergyResult:
@@ -89,4 +102,4 @@ def finish(parts: Parts) -> EnergyResult:
     return unpack_energy(per_token, parts.defined, stats, counts)
 
 
-__all__ = ["Parts", "finish", "real_tokens", "defined_bits", "DEFINED_LOG_PROB", "DEFINED_KINETIC"]
+__all__ = ["Parts", "finish", "real_tokens", "defined_bits", "DEFINED_LOG_PROB", "DEFINED_KINETIC", "DEFINED_STATE"]

@@ -114,7 +114,7 @@ def _fold_compiled(z: Tensor, v0: int, run_max: Tensor, run_sum: Tensor, bad_col
                    targets: Optional[Tensor], picked: Optional[Tensor], alpha: Optional[Tensor]) -> None:
     from .ops import softmax_tile_op
 
-    softmax_tile_op(z, v0, run_max, run_sum, bad_col, targets, picked, alpha)
+    softmax_tile_op(z, v0, 1.0, run_max, run_sum, None, bad_col, targets, picked, alpha)
 
 
 @dataclass
