@@ -246,7 +246,7 @@ void energy(py::handle hidden_c, py::handle logits_c, py::handle tokens_c, py::h
       throw ArgumentError("labels holds id " + std::to_string(status.id) + s.str() +
                           ", outside the vocabulary [0, " + std::to_string(p.V) + ")");
     case EnergyFault::NonFiniteLogits:
-      throw ArgumentError("logits holds NaN or +inf in the row" + s.str());
+      throw ArgumentError("logits holds NaN or inf in the row" + s.str());
     case EnergyFault::NoFiniteLogit:
       throw ArgumentError("logits row" + s.str() + " has no finite entry");
     case EnergyFault::NonFiniteHidden:

@@ -46,10 +46,11 @@ class Parts:
     def of(cls, log_prob: Tensor, kinetic: Tensor, real: Tensor, entropy: Optional[Tensor] = None,
            logsumexp: Optional[Tensor] = None) -> "Parts":
         """Parts from ``[B, T]`` log p_t and K_t (any float dtype, any value where undefined), the entropy
-        and logsumexp (NaN planes when not given) and the ``[B, T]`` bool ``real`` tokens, which decide
-        what is defined."""
+        and logsumexp (NaN planes when not given, and then not defined) and the ``[B, T]`` bool ``real``
+        tokens, which decide what is defined."""
         planes = torch.stack([log_prob, kinetic, _or_nan(entropy, log_prob), _or_nan(logsumexp, log_prob)])
-        return cls(planes.to(torch.float64).contiguous(), defined_bits(real))
+        with_state = entropy is not None and logsumexp is not None
+        return cls(planes.to(torch.float64).contiguous(), defined_bits(real, with_state))
 
     @classmethod
     def where_not_nan(cls, log_prob: Tensor, kinetic: Tensor) -> "Parts":
@@ -73,15 +74,16 @@ def real_tokens(tokens: Tensor, attention_mask, ignore_index: int) -> Tensor:
     return real
 
 
-def defined_bits(real: Tensor) -> Tensor:
+def defined_bits(real: Tensor, with_state: bool = True) -> Tensor:
     """``[B, T]`` uint8 parts bits from ``real`` ``[B, T]`` bool: log p_t needs tokens t and t+1, K_t
-    needs tokens t−1 and t, the entropy and logsumexp need token t."""
+    needs tokens t−1 and t, the entropy and logsumexp need token t (their bit, DEFINED_STATE, is left
+    clear without ``with_state``: a backend that does not compute them)."""
     has_lp = torch.zeros_like(real)
     has_lp[:, :-1] = real[:, :-1] & real[:, 1:]
     has_k = torch.zeros_like(real)
     has_k[:, 1:] = has_lp[:, :-1]
     return (has_lp.to(torch.uint8) * DEFINED_LOG_PROB + has_k.to(torch.uint8) * DEFINED_KINETIC
-            + real.to(torch.uint8) * DEFINED_STATE)
+            + (real & with_state).to(torch.uint8) * DEFINED_STATE)
 
 
 def finish(parts: Parts) -> EnergyResult:

@@ -97,8 +97,9 @@ MPPM_HD void stat_values(const PositionParts& q, double* v) {
   v[kLogEnergy] = log_k + s;
   v[kAdditiveEnergy] = q.k + q.lp;
   v[kLogLagrangian] = log_k - s;
-  v[kEntropy] = q.entropy;
-  v[kLogsumexp] = q.lse;
+  // Parts whose bit is clear are never read: a backend without them gets NaN statistics of them.
+  v[kEntropy] = q.has_state() ? q.entropy : quiet_nan<double>();
+  v[kLogsumexp] = q.has_state() ? q.lse : quiet_nan<double>();
   v[kPpl] = exp(s);
 }
 
