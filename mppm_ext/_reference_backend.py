@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .parts import DEFINED_KINETIC, DEFINED_LOG_PROB, Parts
+from .parts import DEFINED_KINETIC, DEFINED_LOG_PROB, DEFINED_STATE, Parts
 from .results import EnergyResult, to_float32
 
 
@@ -22,7 +22,7 @@ def energy_parts(hidden: Tensor, logits: Tensor, tokens: Tensor, real: Tensor) -
     :func:`reference.kinetic`."""
     log_prob = reference.token_log_prob(logits, tokens, real)
     kinetic = reference.kinetic(hidden, real)
-    return Parts.of(log_prob, kinetic, real)
+    return Parts.of(log_prob, kinetic, real, *reference.entropy_logsumexp(logits, real))
 
 
 def finish(parts: Parts) -> EnergyResult:
@@ -31,7 +31,8 @@ def finish(parts: Parts) -> EnergyResult:
     nan = torch.tensor(float("nan"), dtype=torch.float64, device=parts.planes.device)
     log_prob = torch.where((parts.defined & DEFINED_LOG_PROB) != 0, parts.planes[0], nan)
     kinetic = torch.where((parts.defined & DEFINED_KINETIC) != 0, parts.planes[1], nan)
-    return to_float32(reference.energy_from_parts(log_prob, kinetic))
+    entropy, lse = (torch.where((parts.defined & DEFINED_STATE) != 0, parts.planes[i], nan) for i in (2, 3))
+    return to_float32(reference.energy_from_parts(log_prob, kinetic, entropy, lse))
 
 
 __all__ = ["energy_parts", "finish"]
