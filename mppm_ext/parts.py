@@ -9,7 +9,7 @@ A backend computes, per position t of sequence b, the parts
     logsumexp[b, t]  the log-partition there, likewise,
 and says which are defined. :func:`finish` hands them to the ``mppm_ext::energy_finish`` op
 (csrc/include/mppm/finish.h: the same C++ / CUDA code the fused ``energy`` kernels finish with), so that
-the eight per-token planes and the statistics are computed once, in one place, for every backend.
+the ten per-token planes and the statistics are computed once, in one place, for every backend.
 """
 
 from __future__ import annotations
