@@ -58,7 +58,10 @@ def entropy_logsumexp(logits: Tensor, real: Tensor, temperature: float = 1.0) ->
     probability 0 add 0) and logsumexp(z_t / temperature), at every real state t; NaN elsewhere."""
     z = logits / temperature
     lse = torch.logsumexp(z, dim=-1)
-    entropy = torch.special.entr(torch.softmax(z, dim=-1)).sum(-1)
+    p = torch.softmax(z, dim=-1)
+    # H = lse - sum p z over the entries with p > 0: z is replaced by 0 elsewhere *before* the product, so
+    # that neither the value nor the gradient meets 0 * -inf (entr's derivative is infinite at p = 0).
+    entropy = lse - (p * torch.where(p > 0, z, 0.0)).sum(-1)
     return torch.where(real, entropy, float("nan")), torch.where(real, lse, float("nan"))
 
 

@@ -11,7 +11,7 @@ import torch
 
 import mppm_ext
 from helpers import assert_close
-from mppm_ext import reference
+from mppm_ext import ops, reference
 from mppm_ext._grad import _finish_values, finish_vjp
 from mppm_ext.parts import Parts
 from mppm_ext.results import STAT_QUANTITIES, TOKEN_QUANTITIES
@@ -84,7 +84,11 @@ def test_finish_backward_matches_autograd_of_the_reference_finish():
         return total + sum((g_stats[:, i] * torch.where(c.isfinite(), c, 0.0)).sum() for i, c in enumerate(cols))
 
     (truth,) = _grads(ref_loss, parts.planes)
-    assert torch.allclose(ours, truth, rtol=1e-9, atol=1e-12), (ours - truth).abs().max()
+    # The reference's torch.where(defined, f(x), nan) makes some gradients NaN (0 * f'(nan) where another
+    # quantity of the same position is undefined); everywhere else the two must agree.
+    known = truth.isfinite()
+    assert known.float().mean() > 0.5 and ours.isfinite().all()
+    assert torch.allclose(ours[known], truth[known], rtol=1e-9, atol=1e-12), (ours - truth)[known].abs().max()
 
 
 def test_finish_twin_forward_equals_the_compiled_finish():
@@ -97,7 +101,7 @@ def test_finish_twin_forward_equals_the_compiled_finish():
                                                                                           dtype=torch.float64)])
     parts = Parts.of(*planes, torch.ones(B, T, dtype=torch.bool))
     per_token, stats = _finish_values(parts.planes, parts.defined)
-    compiled_tok, compiled_stats, _ = mppm_ext.ops.energy_finish_op(parts.planes, parts.defined)
+    compiled_tok, compiled_stats, _ = ops.energy_finish_op(parts.planes, parts.defined)
     assert torch.allclose(per_token.float(), compiled_tok, rtol=1e-6, atol=1e-6)
     assert torch.allclose(stats.float(), compiled_stats, rtol=1e-5, atol=1e-6)
 
@@ -117,17 +121,22 @@ def test_energy_gradients_match_float64_autograd_of_the_reference(impl, dtype, B
     ref = _grads(lambda h, z: loss_of(reference.energy(h, z, tokens, **kwargs)), hidden.float(), logits.float())
     for name, o, t, r in zip(("hidden", "logits"), ours, truth, ref):
         assert o.dtype == dtype
-        assert_close(o.float(), r, t, f"d loss / d {name}")
+        # A gradient is returned in its input's dtype: the same-dtype reference is the float32 one rounded so.
+        assert_close(o.float(), r.to(dtype).float(), t, f"d loss / d {name}")
 
 
-def test_gradcheck_on_the_reference_backend():
-    hidden, logits, tokens = _inputs(1, 5, 3, 7, torch.float64)
+def test_gradcheck_of_the_reference():
+    """The float64 truth the backends' gradients are compared with is itself right (finite differences),
+    -inf logits, labels and temperature included."""
+    hidden, logits, tokens = _inputs(1, 6, 3, 7, torch.float64)
+    logits[0, 2, 4] = float("-inf")
+    labels = tokens.clone()
+    labels[0, 1] = -100
 
     def fn(h, z):
-        r = mppm_ext.energy(h, z, tokens, impl="reference")
-        return loss_of(r)
+        return loss_of(reference.energy(h, z, tokens, labels=labels, temperature=1.3))
 
-    assert torch.autograd.gradcheck(fn, (hidden.requires_grad_(), logits.requires_grad_()), eps=1e-6, atol=1e-4)
+    assert torch.autograd.gradcheck(fn, (hidden.requires_grad_(), logits.requires_grad_()), eps=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", BACKENDS)
