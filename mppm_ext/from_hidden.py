@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as check
+from ._autocast import no_autocast
 from . import streaming
 from ._dispatch import backend_reasons, choose
 from .kinetic import kinetic
@@ -72,7 +73,7 @@ def energy_from_hidden(hidden: Tensor, weight: Tensor, tokens: Tensor, *, labels
                               torch.empty(B, T, dtype=torch.uint8, device=device)))
     else:
         # Under autocast the tiles would come out 16-bit; the pass forms them in float32 itself.
-        with torch.autocast(device.type, enabled=False):
+        with no_autocast(device):
             result = _energy_from_hidden(args, weight, bias, norm, kinetic_state, ignore_index, impl)
     return result.map(lambda t: t.squeeze(0)) if args.unbatched else result
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as check
+from ._autocast import no_autocast
 from ._dispatch import backend_reasons, choose
 from .parts import DEFINED_LOG_PROB, Parts, defined_bits, finish, real_tokens
 from .results import EnergyResult, unpack_energy
@@ -62,7 +63,7 @@ def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, labels: Optional[T
     impl = choose("energy", impl, backend_reasons(args.device, impl))
     check.float_dtypes(impl == "reference", hidden=hidden, logits=logits)
     # Under autocast the inputs arrive as the caller made them; every backend accumulates in float32.
-    with torch.autocast(args.device.type, enabled=False):
+    with no_autocast(args.device):
         if impl in ("cpp", "cuda"):
             # The fused kernels check ids and NaN/inf themselves, while reading (one sync on CUDA).
             result = unpack_energy(*_fused(args, ignore_index)[:4])

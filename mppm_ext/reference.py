@@ -58,10 +58,12 @@ def entropy_logsumexp(logits: Tensor, real: Tensor, temperature: float = 1.0) ->
     probability 0 add 0) and logsumexp(z_t / temperature), at every real state t; NaN elsewhere."""
     z = logits / temperature
     lse = torch.logsumexp(z, dim=-1)
-    p = torch.softmax(z, dim=-1)
-    # H = lse - sum p z over the entries with p > 0: z is replaced by 0 elsewhere *before* the product, so
-    # that neither the value nor the gradient meets 0 * -inf (entr's derivative is infinite at p = 0).
-    entropy = lse - (p * torch.where(p > 0, z, 0.0)).sum(-1)
+    log_p = torch.log_softmax(z, dim=-1)
+    p = log_p.exp()
+    # -sum p log p over the entries with p > 0 (log p is replaced by 0 elsewhere *before* the product, so
+    # that neither the value nor the gradient meets 0 * -inf). Summing the terms p log p keeps a nearly
+    # one-hot row's tiny entropy exact, where lse - sum p z would cancel it to 0.
+    entropy = -(p * torch.where(p > 0, log_p, 0.0)).sum(-1)
     return torch.where(real, entropy, float("nan")), torch.where(real, lse, float("nan"))
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as check
+from ._autocast import no_autocast
 from ._dispatch import backend_reasons, choose
 
 
@@ -140,7 +141,7 @@ class _Stream:
 def _stream(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Optional[Tensor], moments: bool,
             fold: Callable[..., None], inv_temperature: float = 1.0, entropy: bool = False) -> _Stream:
     # Under autocast torch.mm would hand the fold 16-bit tiles; the pass picks its own precision.
-    with torch.autocast(hidden.device.type, enabled=False):
+    with no_autocast(hidden.device):
         return _stream_tiles(hidden, weight, bias, targets, moments, fold, inv_temperature, entropy)
 
 
@@ -311,7 +312,7 @@ def _log_prob_backward(hidden, weight, bias, targets, lse, entropy, g_lp, g_lse,
     g_hidden = torch.zeros(n, d, dtype=dt, device=hidden.device) if needs[0] else None
     g_weight = torch.zeros(v, d, dtype=dt, device=hidden.device) if needs[1] else None
     g_bias = torch.zeros(v, dtype=torch.float64, device=hidden.device) if needs[2] and bias is not None else None
-    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+    with torch.no_grad(), no_autocast(hidden.device):
         for v0 in range(0, v, tile.cols):
             v1 = min(v, v0 + tile.cols)
             w = weight[v0:v1].to(dt)
