@@ -142,12 +142,24 @@ Result run_kernel(Device device, const Params& p, Result (*cpu)(const Params&),
 #define MPPM_CUDA_KERNEL(name) nullptr
 #endif
 
-void energy(py::handle hidden_c, py::handle logits_c, py::handle tokens_c, py::object mask_c,
-            int64_t ignore_index, py::handle out_tokens_c, py::handle out_defined_c, py::handle out_stats_c,
+// 1 / temperature: a finite number > 0 (named as the argument the caller passes).
+void check_inv_temperature(double inv_temperature) {
+  if (!(inv_temperature > 0.0) || !std::isfinite(inv_temperature))
+    throw ArgumentError("inv_temperature must be a finite number > 0 (1 / temperature)");
+}
+
+std::string out_of_range(const char* name, const EnergyStatus& status, int64_t V) {
+  return std::string(name) + "[" + std::to_string(status.b) + ", " + std::to_string(status.t) + "] = " +
+         std::to_string(status.id) + " is outside the vocabulary [0, " + std::to_string(V) + ")";
+}
+
+void energy(py::handle hidden_c, py::handle logits_c, py::handle tokens_c, py::handle labels_c, py::object mask_c,
+            int64_t ignore_index, double inv_temperature, py::handle out_tokens_c, py::handle out_defined_c, py::handle out_stats_c,
             py::handle out_counts_c, py::handle scratch_c, int num_threads, uintptr_t stream) {
   const TensorView hidden = view_of(hidden_c, "hidden");
   const TensorView logits = view_of(logits_c, "logits");
   const TensorView tokens = view_of(tokens_c, "tokens");
+  const TensorView labels = view_of(labels_c, "labels");
   const auto floats = {DType::Float32, DType::BFloat16, DType::Float16};
   check_ndim(hidden, "hidden", 3);
   check_ndim(logits, "logits", 3);
@@ -155,18 +167,25 @@ void energy(py::handle hidden_c, py::handle logits_c, py::handle tokens_c, py::o
   check_dtype(hidden, "hidden", floats);
   check_dtype(logits, "logits", floats);
   check_dtype(tokens, "tokens", {DType::Int64, DType::Int32});
+  check_ndim(labels, "labels", 2);
+  check_dtype(labels, "labels", {DType::Int64, DType::Int32});
   const int64_t B = hidden.size(0), T = hidden.size(1);
   check_size(logits, "logits", 0, B, "hidden.shape[0]");
   check_size(logits, "logits", 1, T, "hidden.shape[1]");
   check_size(tokens, "tokens", 0, B, "hidden.shape[0]");
   check_size(tokens, "tokens", 1, T, "hidden.shape[1]");
+  check_size(labels, "labels", 0, B, "hidden.shape[0]");
+  check_size(labels, "labels", 1, T, "hidden.shape[1]");
   if (hidden.size(2) < 1) throw ArgumentError("hidden must have a non-empty last dimension (d >= 1)");
   if (logits.size(2) < 1) throw ArgumentError("logits must have a non-empty last dimension (V >= 1)");
   check_unit_last_stride(hidden, "hidden");
   check_unit_last_stride(logits, "logits");
   check_nonnegative_strides(tokens, "tokens");
+  check_nonnegative_strides(labels, "labels");
   check_same_device(logits, "logits", hidden, "hidden");
   check_same_device(tokens, "tokens", hidden, "hidden");
+  check_same_device(labels, "labels", hidden, "hidden");
+  check_inv_temperature(inv_temperature);
 
   EnergyParams p;
   p.B = B;
@@ -185,7 +204,12 @@ void energy(py::handle hidden_c, py::handle logits_c, py::handle tokens_c, py::o
   p.tokens_dtype = tokens.dtype;
   p.tokens_sb = tokens.stride(0);
   p.tokens_st = tokens.stride(1);
+  p.labels = labels.data;
+  p.labels_dtype = labels.dtype;
+  p.labels_sb = labels.stride(0);
+  p.labels_st = labels.stride(1);
   p.ignore_index = ignore_index;
+  p.inv_temperature = inv_temperature;
   if (!mask_c.is_none()) {
     const TensorView mask = view_of(mask_c, "mask");
     check_ndim(mask, "mask", 2);
@@ -222,15 +246,19 @@ void energy(py::handle hidden_c, py::handle logits_c, py::handle tokens_c, py::o
     case EnergyFault::None: return;
     case EnergyFault::TokenOutOfRange:
       // The wording of mppm_ext._validate.token_range, which the other backends raise.
-      throw ArgumentError("tokens[" + std::to_string(status.b) + ", " + std::to_string(status.t) + "] = " +
-                          std::to_string(status.token) + " is outside the vocabulary [0, " + std::to_string(p.V) +
-                          ")");
+      throw ArgumentError(out_of_range("tokens", status, p.V));
+    case EnergyFault::LabelOutOfRange:
+      throw ArgumentError(out_of_range("labels", status, p.V));
     case EnergyFault::NonFiniteLogits:
       throw ArgumentError("logits holds NaN or inf in the row" + s.str());
+    case EnergyFault::NoFiniteLogit:
+      throw ArgumentError("logits row" + s.str() + " has no finite entry");
     case EnergyFault::NonFiniteHidden:
       throw ArgumentError("hidden holds NaN or inf in the step into" + s.str() +
                           " (the state there or one position before)");
+    case EnergyFault::kNumKinds: break;
   }
+  throw std::logic_error("energy: unknown fault kind");
 }
 
 // The finish of the energy op on parts computed elsewhere (include/mppm/finish.h); outputs are
@@ -242,7 +270,7 @@ void energy_finish(py::handle parts_c, py::handle defined_c, py::handle out_toke
   check_dtype(parts, "parts", {DType::Float64});
   const int64_t B = parts.size(1), T = parts.size(2);
   if (parts.size(0) < kNumParts)
-    throw ArgumentError("parts must be [P, B, T] with P >= 2 planes (log_prob, kinetic), got shape " +
+    throw ArgumentError("parts must be [P, B, T] with P >= 4 planes (log_prob, kinetic, entropy, logsumexp), got shape " +
                         shape_string(parts));
   if (B < 1) throw ArgumentError("parts must hold at least one sequence (B >= 1), got shape " + shape_string(parts));
   check_contiguous(parts, "parts");
@@ -327,8 +355,8 @@ T* state_vector(py::handle capsule, const char* name, const TensorView& z, DType
   return static_cast<T*>(v.data);
 }
 
-void softmax_tile(py::handle z_c, int64_t v0, py::handle run_max_c, py::handle run_sum_c, py::handle bad_col_c,
-                  py::object targets_c, py::object picked_c, py::object alpha_c, int num_threads, uintptr_t stream) {
+void softmax_tile(py::handle z_c, int64_t v0, double inv_temperature, py::handle run_max_c, py::handle run_sum_c,
+                  py::object run_ent_c, py::handle bad_col_c, py::object targets_c, py::object picked_c, py::object alpha_c, int num_threads, uintptr_t stream) {
   const TensorView z = view_of(z_c, "z");
   check_ndim(z, "z", 2);
   check_dtype(z, "z", {DType::Float32});
@@ -337,6 +365,7 @@ void softmax_tile(py::handle z_c, int64_t v0, py::handle run_max_c, py::handle r
   if (z.size(0) > 1 && z.stride(0) < z.size(1))
     throw ArgumentError("z must not overlap itself (z.stride(0) >= z.shape[1])");
   if (v0 < 0) throw ArgumentError("v0 must be >= 0");
+  check_inv_temperature(inv_temperature);
   if (targets_c.is_none() != picked_c.is_none())
     throw ArgumentError("targets and picked must be given together");
 
@@ -346,8 +375,10 @@ void softmax_tile(py::handle z_c, int64_t v0, py::handle run_max_c, py::handle r
   p.z = static_cast<float*>(z.data);
   p.z_stride = z.stride(0);
   p.v0 = v0;
+  p.inv_temperature = inv_temperature;
   p.run_max = state_vector<double>(run_max_c, "run_max", z, DType::Float64);
   p.run_sum = state_vector<double>(run_sum_c, "run_sum", z, DType::Float64);
+  if (!run_ent_c.is_none()) p.run_ent = state_vector<double>(run_ent_c, "run_ent", z, DType::Float64);
   p.bad_col = state_vector<int64_t>(bad_col_c, "bad_col", z, DType::Int64);
   if (!targets_c.is_none()) {
     p.targets = state_vector<const int64_t>(targets_c, "targets", z, DType::Int64);
@@ -408,15 +439,16 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "mppm_ext compiled kernels (torch-free; called through mppm_ext.ops)";
   py::register_exception<mppm::ArgumentError>(m, "ArgumentError", PyExc_ValueError);
   py::register_exception<mppm::DTypeError>(m, "DTypeError", PyExc_TypeError);
-  m.def("energy", &mppm::energy, py::arg("hidden"), py::arg("logits"), py::arg("tokens"), py::arg("mask"),
-        py::arg("ignore_index"), py::arg("out_tokens"), py::arg("out_defined"), py::arg("out_stats"),
+  m.def("energy", &mppm::energy, py::arg("hidden"), py::arg("logits"), py::arg("tokens"), py::arg("labels"),
+        py::arg("mask"), py::arg("ignore_index"), py::arg("inv_temperature"), py::arg("out_tokens"), py::arg("out_defined"), py::arg("out_stats"),
         py::arg("out_counts"), py::arg("scratch"), py::arg("num_threads"), py::arg("stream"),
         "Fused energy op on DLPack views; see csrc/include/mppm/energy.h for the layout.");
   m.def("energy_finish", &mppm::energy_finish, py::arg("parts"), py::arg("defined"), py::arg("out_tokens"),
         py::arg("out_stats"), py::arg("out_counts"), py::arg("num_threads"), py::arg("stream"),
-        "The energy op's finish on DLPack views: from parts [P >= 2, B, T] float64 (plane 0 log_prob, plane 1\n"
-        "kinetic; later planes ignored) and defined [B, T] uint8 (defined & 1: log_prob defined, defined & 2:\n"
-        "kinetic defined; a position is valid when both are set) to out_tokens [8, B, T] float32 (0 where undefined),\n"
+        "The energy op's finish on DLPack views: from parts [P >= 4, B, T] float64 (plane 0 log_prob, plane 1\n"
+        "kinetic, plane 2 entropy, plane 3 logsumexp; later planes ignored) and defined [B, T] uint8 (defined & 1:\n"
+        "log_prob defined, defined & 2: kinetic defined, defined & 4: the state is real, entropy and logsumexp\n"
+        "defined; a position is valid when bits 1 and 2 are set) to out_tokens [10, B, T] float32 (0 where undefined),\n"
         "out_stats [B, NUM_STAT_COLUMNS] float32 and out_counts [B, NUM_COUNT_COLUMNS] int64, bitwise what\n"
         "energy writes from the same parts. All views contiguous, on one device; B >= 1. num_threads: CPU\n"
         "threads; stream: a cudaStream_t as an integer (0 = default) for CUDA views. See\n"
@@ -425,8 +457,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("tol"), py::arg("max_iter"), py::arg("out_u"), py::arg("out_iters"), py::arg("out_residual"),
         py::arg("out_converged"), py::arg("scratch"), py::arg("num_threads"), py::arg("stream"),
         "Batched CG on (G G^T + lam I) u = rhs with G = rows - 1 center^T; see csrc/include/mppm/cg.h.");
-  m.def("softmax_tile", &mppm::softmax_tile, py::arg("z"), py::arg("v0"), py::arg("run_max"), py::arg("run_sum"),
-        py::arg("bad_col"), py::arg("targets"), py::arg("picked"), py::arg("alpha"), py::arg("num_threads"),
+  m.def("softmax_tile", &mppm::softmax_tile, py::arg("z"), py::arg("v0"), py::arg("inv_temperature"),
+        py::arg("run_max"), py::arg("run_sum"), py::arg("run_ent"), py::arg("bad_col"), py::arg("targets"), py::arg("picked"), py::arg("alpha"), py::arg("num_threads"),
         py::arg("stream"),
         "Fold one fp32 logits tile into a per-row online softmax; see csrc/include/mppm/softmax_tile.h.");
   m.def("build_info", &mppm::build_info, "What this binary was compiled with.");

@@ -3,6 +3,7 @@ ValueError for wrong values and shapes, TypeError for wrong types and dtypes."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -78,28 +79,36 @@ def first_at(bad: Tensor, name: str, what: str = "", extra: str = "") -> None:
         raise ValueError(f"{name} holds NaN or inf {what + ' ' if what else ''}at batch {b}, position {t}{extra}")
 
 
-#: How a non-finite part is reported: (plane, bit name, argument, where, extra).
-_PART_MESSAGES = ((0, "DEFINED_LOG_PROB", "logits", "in the row", ""),
-                  (1, "DEFINED_KINETIC", "hidden", "in the step into", " (the state there or one position before)"))
+def _part_faults(parts) -> list[tuple[Tensor, str]]:
+    """(``[B, T]`` bool, message template) for each way a part can be wrong, in the order the fused kernels
+    report them: a read logits row with NaN or +inf (its logsumexp is NaN or +inf), a read row with no
+    finite logit (logsumexp -inf), a step whose states hold NaN or inf (K not finite)."""
+    from .parts import DEFINED_KINETIC, DEFINED_STATE
 
-
-def _part_faults(parts):
-    from . import parts as p
-
-    return [(((parts.defined & getattr(p, bit)) != 0) & ~torch.isfinite(parts.planes[plane]), name, what, extra)
-            for plane, bit, name, what, extra in _PART_MESSAGES]
+    state = (parts.defined & DEFINED_STATE) != 0
+    lse, kinetic = parts.planes[3], parts.planes[1]
+    return [
+        (state & (lse.isnan() | (lse == float("inf"))), "logits holds NaN or inf in the row at batch {b}, position {t}"),
+        (state & (lse == float("-inf")), "logits row at batch {b}, position {t} has no finite entry"),
+        (((parts.defined & DEFINED_KINETIC) != 0) & ~torch.isfinite(kinetic),
+         "hidden holds NaN or inf in the step into at batch {b}, position {t} (the state there or one position "
+         "before)"),
+    ]
 
 
 def non_finite_parts(parts) -> list[Tensor]:
-    """0-d bool tensors (on the parts' device, not read back): a defined log p, a defined K is NaN or inf."""
-    return [bad.any() for bad, *_ in _part_faults(parts)]
+    """0-d bool tensors (on the parts' device, not read back), one per fault of :func:`finite_parts`."""
+    return [bad.any() for bad, _ in _part_faults(parts)]
 
 
 def finite_parts(parts) -> None:
-    """Raise for a defined part that is NaN or inf (a used logits row or hidden state held NaN or inf),
-    with the messages of the compiled kernels; ``parts`` is a :class:`mppm_ext.parts.Parts`."""
-    for bad, name, what, extra in _part_faults(parts):
-        first_at(bad, name, what, extra)
+    """Raise for a part that shows bad data (NaN/+inf in a read logits row, a row without a finite logit,
+    NaN/inf in a state of a step), with the messages of the compiled kernels; ``parts`` is a
+    :class:`mppm_ext.parts.Parts`."""
+    for bad, message in _part_faults(parts):
+        if bool(bad.any()):
+            b, t = bad.nonzero()[0].tolist()
+            raise ValueError(message.format(b=b, t=t))
 
 
 @dataclass(frozen=True)
@@ -109,9 +118,33 @@ class EnergyInputs:
     hidden: Tensor  # [B, T, d]
     logits: Tensor  # [B, T, V]
     tokens: Tensor  # [B, T]
+    labels: Tensor  # [B, T]: the tokens themselves when the caller gave none
     mask: Optional[Tensor]  # [B, T]
     unbatched: bool  # the caller passed [T, ...] tensors
     device: torch.device
+    inv_temperature: float
+
+
+def temperature(x) -> float:
+    """``temperature`` is a finite real number > 0; returns 1 / temperature (what the kernels multiply by)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"temperature must be a real number, got {type(x).__name__}")
+    if not math.isfinite(x) or x <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {x}")
+    return 1.0 / float(x)
+
+
+def labels_like(labels, tokens: Tensor, unbatched: bool) -> Tensor:
+    """``labels`` (None: the tokens) as a batched ``[B, T]`` int tensor of the tokens' shape and device."""
+    if labels is None:
+        return tokens
+    labels = tensor(labels, "labels")
+    batched = labels.unsqueeze(0) if unbatched and labels.dim() == 1 else labels
+    if tuple(batched.shape) != tuple(tokens.shape):
+        raise ValueError(f"labels must have the shape of tokens {tuple(tokens.shape[unbatched:])}, got "
+                         f"{tuple(labels.shape)}")
+    index_dtype(batched, "labels")
+    return batched
 
 
 def _mask_layout(tokens: Tensor, mask: Optional[Tensor]) -> None:
@@ -131,7 +164,7 @@ def _sequence_sizes(B: int, T: int) -> None:
                          f"surprisal of token t+1), got length {T}")
 
 
-def energy_inputs(hidden, logits, tokens, attention_mask) -> EnergyInputs:
+def energy_inputs(hidden, logits, tokens, attention_mask, labels=None, temperature_=1.0) -> EnergyInputs:
     """Types, ranks, shapes, devices and the token dtype of energy's arguments (dtypes of the floating
     tensors depend on the backend and are checked after it is chosen)."""
     hidden, logits, tokens = tensor(hidden, "hidden"), tensor(logits, "logits"), tensor(tokens, "tokens")
@@ -156,9 +189,11 @@ def energy_inputs(hidden, logits, tokens, attention_mask) -> EnergyInputs:
     _sequence_sizes(B, T)
     if d == 0 or V == 0:
         raise ValueError(f"hidden size d and vocabulary V must be >= 1, got d={d}, V={V}")
-    device = same_device({"hidden": hidden, "logits": logits, "tokens": tokens, "attention_mask": mask})
     index_dtype(tokens, "tokens")
-    return EnergyInputs(hidden, logits, tokens, mask, unbatched, device)
+    labels = labels_like(labels, tokens, unbatched)
+    device = same_device({"hidden": hidden, "logits": logits, "tokens": tokens, "labels": labels,
+                          "attention_mask": mask})
+    return EnergyInputs(hidden, logits, tokens, labels, mask, unbatched, device, temperature(temperature_))
 
 
 @dataclass(frozen=True)
@@ -167,15 +202,18 @@ class FromHiddenInputs:
 
     hidden: Tensor  # [B, T, d]
     tokens: Tensor  # [B, T]
+    labels: Tensor  # [B, T]: the tokens themselves when the caller gave none
     mask: Optional[Tensor]  # [B, T]
     unbatched: bool
     device: torch.device
+    inv_temperature: float
 
 
 KINETIC_STATES = ("post", "pre")
 
 
-def energy_from_hidden_inputs(hidden, weight, tokens, bias, norm, kinetic_state, attention_mask) -> FromHiddenInputs:
+def energy_from_hidden_inputs(hidden, weight, tokens, bias, norm, kinetic_state, attention_mask, labels=None,
+                              temperature_=1.0) -> FromHiddenInputs:
     """Types, ranks, shapes, devices and the token dtype of energy_from_hidden's arguments."""
     hidden, tokens = tensor(hidden, "hidden"), tensor(tokens, "tokens")
     mask = None if attention_mask is None else tensor(attention_mask, "attention_mask")
@@ -202,10 +240,12 @@ def energy_from_hidden_inputs(hidden, weight, tokens, bias, norm, kinetic_state,
     if kinetic_state == "pre" and norm is None:
         raise ValueError("kinetic_state='pre' needs norm: without it hidden is the post-norm state and the "
                          "pre-norm one is unknown")
-    device = same_device({"hidden": hidden, "weight": weight, "tokens": tokens, "bias": bias,
-                          "attention_mask": mask})
     index_dtype(tokens, "tokens")
-    return FromHiddenInputs(hidden, tokens, mask, unbatched, device)
+    labels = labels_like(labels, tokens, unbatched)
+    device = same_device({"hidden": hidden, "weight": weight, "tokens": tokens, "labels": labels, "bias": bias,
+                          "attention_mask": mask})
+    inv_temperature = temperature(temperature_)
+    return FromHiddenInputs(hidden, tokens, labels, mask, unbatched, device, inv_temperature)
 
 
 def unembedding_inputs(hidden, weight, bias, rows: str) -> torch.device:

@@ -10,84 +10,124 @@ import torch
 from torch import Tensor
 
 from . import _validate as check
+from ._autocast import no_autocast
 from ._dispatch import backend_reasons, choose
-from .parts import DEFINED_LOG_PROB, Parts, finish, real_tokens
+from .parts import DEFINED_LOG_PROB, Parts, defined_bits, finish, real_tokens
 from .results import EnergyResult, unpack_energy
 
 
-def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, attention_mask: Optional[Tensor] = None,
-           ignore_index: int = -100, impl: str = "auto") -> EnergyResult:
-    """Kinetic energy, point perplexity and the energies built from them, per token and per sequence.
+def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, labels: Optional[Tensor] = None,
+           attention_mask: Optional[Tensor] = None, ignore_index: int = -100, temperature: float = 1.0,
+           impl: str = "auto") -> EnergyResult:
+    """Kinetic energy, point perplexity, entropy and the energies built from them, per token and per
+    sequence.
 
-    Each logits row is read once (online logsumexp + target gather, fp32 accumulation); nothing of
-    size ``[B, T, V]`` is allocated by the kernels.
+    Each logits row is read once (online softmax: max, sum of exponentials and the entropy's sum, target
+    gather; fp32 accumulation); nothing of size ``[B, T, V]`` is allocated by the kernels, in the forward
+    or the backward (which reads each row once more).
 
     Args:
         hidden: ``[B, T, d]`` or ``[T, d]``; float32, bfloat16 or float16. The state that feeds the
             unembedding (Hugging Face: ``hidden_states[-1]``; layer ``"final"`` of mppm_ext.models.layers).
         logits: ``[B, T, V]`` or ``[T, V]``; float32, bfloat16 or float16 (may differ from hidden's).
-            ``logits[:, t]`` predicts token t+1.
-        tokens: ``[B, T]`` or ``[T]``; int64 or int32 token ids.
-        attention_mask: optional ``[B, T]`` bool or integer; zero marks padding.
-        ignore_index: token id that marks a position as not real (as in cross-entropy labels).
+            ``logits[:, t]`` predicts the target at t+1. -inf entries are legal (probability 0).
+        tokens: ``[B, T]`` or ``[T]``; int64 or int32, the input ids.
+        labels: optional ``[B, T]`` (or ``[T]``) int targets, default ``tokens``: ``log_prob[:, t]`` scores
+            ``labels[:, t+1]``, and ``ignore_index`` in labels drops only that prediction (Hugging Face's
+            ``labels`` with -100 on the prompt: the first completion token is still scored from the last
+            prompt state).
+        attention_mask: optional ``[B, T]`` bool or integer; zero marks padding (neither a state nor a
+            target).
+        ignore_index: in ``tokens``, a position that is not a real state; in ``labels``, a target that is
+            not scored.
+        temperature: > 0; the logits are divided by it inside the kernel (log_prob, entropy and
+            logsumexp are of softmax(logits / temperature)).
         impl: ``"auto"`` (cuda → triton → cpp → reference), or one backend by name (``"triton"``
             runs CPU tensors only in Triton's interpreter, for tests; ``"auto"`` skips that). float64 inputs
-            run only with ``"reference"``. The environment variable ``MPPM_EXT_IMPL`` overrides
-            ``"auto"``.
+            run only with ``"reference"``, which upcasts 16-bit inputs to float32. The environment variable
+            ``MPPM_EXT_IMPL`` overrides ``"auto"``.
 
     Returns:
         :class:`mppm_ext.EnergyResult` with float32 ``[B, T]`` tensors (``[T]`` for unbatched input)
-        and per-sequence statistics.
+        and per-sequence statistics; differentiable in ``hidden`` and ``logits`` on every backend.
 
     Raises:
         TypeError: a non-tensor argument, or an unsupported dtype.
-        ValueError: mismatched shapes, sequences shorter than 3 tokens, a token id outside
-            ``[0, V)``, tensors on different devices, NaN or inf in a used logits row or hidden state.
+        ValueError: mismatched shapes, sequences shorter than 3 tokens, a token or label id outside
+            ``[0, V)``, tensors on different devices, a bad temperature, NaN or +inf in a logits row or a
+            hidden state that is used, or a logits row that is used and has no finite entry.
         BackendUnavailableError: ``impl`` names a backend that cannot run these inputs.
     """
-    args = check.energy_inputs(hidden, logits, tokens, attention_mask)
-    hidden, logits, tokens, mask = args.hidden, args.logits, args.tokens, args.mask
+    args = check.energy_inputs(hidden, logits, tokens, attention_mask, labels, temperature)
+    hidden, logits = args.hidden, args.logits
     impl = choose("energy", impl, backend_reasons(args.device, impl))
     check.float_dtypes(impl == "reference", hidden=hidden, logits=logits)
-    if impl in ("cpp", "cuda"):
-        # The fused kernels check token ids and NaN/inf themselves, while reading (one sync on CUDA).
-        result = unpack_energy(*_fused(hidden, logits, tokens, mask, ignore_index))
-    else:
-        result = finish(_parts(impl, hidden, logits, tokens, real_tokens(tokens, mask, ignore_index)))
+    # Under autocast the inputs arrive as the caller made them; every backend accumulates in float32.
+    with no_autocast(args.device):
+        if impl in ("cpp", "cuda"):
+            # The fused kernels check ids and NaN/inf themselves, while reading (one sync on CUDA).
+            result = unpack_energy(*_fused(args, ignore_index)[:4])
+        else:
+            real = real_tokens(args.tokens, args.mask, ignore_index)
+            scored = real_tokens(args.labels, args.mask, ignore_index)
+            result = finish(_parts(impl, args, real, scored))
     return result.map(lambda t: t.squeeze(0)) if args.unbatched else result
 
 
-def _fused(hidden, logits, tokens, mask, ignore_index):
+def _fused(args, ignore_index):
     from .ops import energy_op
 
-    return energy_op(check.unit_last_stride(hidden), check.unit_last_stride(logits), tokens, mask, ignore_index)
+    return energy_op(check.unit_last_stride(args.hidden), check.unit_last_stride(args.logits), args.tokens,
+                     args.labels, args.mask, ignore_index, args.inv_temperature)
 
 
-def _parts(impl: str, hidden: Tensor, logits: Tensor, tokens: Tensor, real: Tensor) -> Parts:
-    """The parts by the ``reference`` or ``triton`` backend. Token ids are clamped into the vocabulary for
-    the computation and every data check (ids, NaN/inf in a used row) is read back once, after it; a fault
-    raises with the fused kernels' messages."""
+def _parts(impl: str, args, real: Tensor, scored: Tensor) -> Parts:
+    """The parts by the ``reference`` or ``triton`` backend. Ids are clamped into the vocabulary for the
+    computation and every data check (ids, NaN/inf, rows without a finite logit) is read back once, after
+    it; a fault raises with the fused kernels' messages."""
+    hidden, logits, tokens, labels = args.hidden, args.logits, args.tokens, args.labels
     V = logits.shape[-1]
-    safe = tokens.clamp(0, V - 1)
+    safe = labels.clamp(0, V - 1)
     if impl == "reference":
         from . import _reference_backend
 
-        parts = _reference_backend.energy_parts(hidden, logits, safe, real)
+        parts = _reference_backend.energy_parts(hidden, logits, safe, real, scored, args.inv_temperature)
     else:
-        from .triton.energy import energy_parts
-
-        log_prob, kinetic = energy_parts(check.unit_last_stride(hidden), check.unit_last_stride(logits), safe, real)
-        parts = Parts.of(log_prob, kinetic, real)
-    scored = (parts.defined & DEFINED_LOG_PROB) != 0
-    faults = [(real & ((tokens < 0) | (tokens >= V))).any(), *check.non_finite_parts(parts)]
-    if impl == "reference":  # the fused kernels reject any non-finite logit of a scored row, -inf included
-        faults.append((scored & ~torch.isfinite(logits).all(-1)).any())
+        defined = defined_bits(real, scored)
+        planes = _TritonParts.apply(check.unit_last_stride(hidden), check.unit_last_stride(logits), tokens, safe,
+                                    real, scored, defined, args.inv_temperature)
+        parts = Parts(planes, defined)
+    target = torch.zeros_like(real)
+    target[:, 1:] = (parts.defined[:, :-1] & DEFINED_LOG_PROB) != 0
+    faults = [(real & ((tokens < 0) | (tokens >= V))).any(), (target & ((labels < 0) | (labels >= V))).any(),
+              *check.non_finite_parts(parts)]
     if bool(torch.stack(faults).any()):
         check.token_range(tokens, real, V)
-        if impl == "reference":
-            check.finite_rows(logits, scored, "logits", "in the row")
+        check.token_range(labels, target, V, "labels")
         check.finite_parts(parts)
     return parts
+
+
+class _TritonParts(torch.autograd.Function):
+    """The Triton parts kernel with the backward every logits path shares (:func:`_grad.logits_parts_vjp`)."""
+
+    @staticmethod
+    def forward(ctx, hidden, logits, tokens, labels, real, scored, defined, inv_temperature):
+        from .triton.energy import energy_parts
+
+        planes = energy_parts(hidden, logits, tokens, labels, real, scored, inv_temperature)
+        ctx.save_for_backward(hidden, logits, labels, defined, planes)
+        ctx.inv_temperature = inv_temperature
+        return planes
+
+    @staticmethod
+    def backward(ctx, g_planes):
+        from ._grad import logits_parts_vjp
+
+        hidden, logits, labels, defined, planes = ctx.saved_tensors
+        g_hidden, g_logits = logits_parts_vjp(hidden, logits, labels, defined, planes, ctx.inv_temperature,
+                                              g_planes, ctx.needs_input_grad[:2])
+        return g_hidden, g_logits, None, None, None, None, None, None
 
 
 __all__ = ["energy"]

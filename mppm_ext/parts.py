@@ -2,26 +2,32 @@
 :func:`mppm_ext.energy_from_hidden` (and the scans and steered generation) produces, and the one compiled
 finish that turns parts into every derived quantity and per-sequence statistic.
 
-A backend computes, per position t of sequence b, the two parts
-    log_prob[b, t]  log p(x_{t+1} | state t), defined where tokens t and t+1 are real,
-    kinetic[b, t]   K_t = ½‖h_t − h_{t−1}‖², defined where tokens t−1 and t are real,
+A backend computes, per position t of sequence b, the parts
+    log_prob[b, t]   log p(labels_{t+1} | state t), defined where state t is real and target t+1 scored,
+    kinetic[b, t]    K_t = ½‖h_t − h_{t−1}‖², defined where states t−1 and t are real,
+    entropy[b, t]    H of the next-token distribution at state t, defined where state t is real,
+    logsumexp[b, t]  the log-partition there, likewise,
 and says which are defined. :func:`finish` hands them to the ``mppm_ext::energy_finish`` op
 (csrc/include/mppm/finish.h: the same C++ / CUDA code the fused ``energy`` kernels finish with), so that
-the eight per-token planes and the statistics are computed once, in one place, for every backend.
+the ten per-token planes and the statistics are computed once, in one place, for every backend.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .results import EnergyResult, unpack_energy
 
-#: Bits of ``Parts.defined`` (kDefinedLogProb / kDefinedKinetic in csrc/include/mppm/energy.h).
+#: Bits of ``Parts.defined`` (kDefinedLogProb / kDefinedKinetic / kDefinedState in csrc/include/mppm/energy.h).
 DEFINED_LOG_PROB = 1
 DEFINED_KINETIC = 2
+DEFINED_STATE = 4
+#: The planes of ``Parts.planes``, in order.
+PLANES = ("log_prob", "kinetic", "entropy", "logsumexp")
 
 
 @dataclass(frozen=True)
@@ -29,28 +35,31 @@ class Parts:
     """The parts of a batch of sequences.
 
     Attributes:
-        planes: ``[2, B, T]`` float64, contiguous: plane 0 log p_t, plane 1 K_t (values where a part is
-            not defined are ignored by the finish).
-        defined: ``[B, T]`` uint8 bits: DEFINED_LOG_PROB | DEFINED_KINETIC.
+        planes: ``[4, B, T]`` float64, contiguous, in the order of PLANES (values where a part is not
+            defined are ignored by the finish).
+        defined: ``[B, T]`` uint8 bits: DEFINED_LOG_PROB | DEFINED_KINETIC | DEFINED_STATE.
     """
 
     planes: Tensor
     defined: Tensor
 
     @classmethod
-    def of(cls, log_prob: Tensor, kinetic: Tensor, real: Tensor) -> "Parts":
-        """Parts from ``[B, T]`` log p_t and K_t (any float dtype, any value where undefined) and the
-        ``[B, T]`` bool ``real`` tokens, which decide what is defined."""
-        planes = torch.stack([log_prob, kinetic]).to(torch.float64).contiguous()
-        return cls(planes, defined_bits(real))
+    def of(cls, log_prob: Tensor, kinetic: Tensor, entropy: Tensor, logsumexp: Tensor, real: Tensor,
+           scored: Optional[Tensor] = None) -> "Parts":
+        """Parts from ``[B, T]`` planes (any float dtype, any value where undefined) and the ``[B, T]``
+        bool real states and scored targets (default: the real states), which decide what is defined."""
+        planes = torch.stack([log_prob, kinetic, entropy, logsumexp]).to(torch.float64).contiguous()
+        return cls(planes, defined_bits(real, scored))
 
     @classmethod
     def where_not_nan(cls, log_prob: Tensor, kinetic: Tensor) -> "Parts":
         """Parts from ``[B, T]`` log p_t and K_t that are NaN exactly where undefined (as stored by the
-        scans)."""
+        scans, which keep no entropy: those planes are left undefined)."""
         defined = ((~log_prob.isnan()).to(torch.uint8) * DEFINED_LOG_PROB
                    + (~kinetic.isnan()).to(torch.uint8) * DEFINED_KINETIC)
-        return cls(torch.stack([log_prob, kinetic]).to(torch.float64).nan_to_num(0.0).contiguous(), defined)
+        zero = torch.zeros_like(log_prob)
+        planes = torch.stack([log_prob.nan_to_num(0.0), kinetic.nan_to_num(0.0), zero, zero])
+        return cls(planes.to(torch.float64).contiguous(), defined)
 
 
 def real_tokens(tokens: Tensor, attention_mask, ignore_index: int) -> Tensor:
@@ -61,14 +70,16 @@ def real_tokens(tokens: Tensor, attention_mask, ignore_index: int) -> Tensor:
     return real
 
 
-def defined_bits(real: Tensor) -> Tensor:
-    """``[B, T]`` uint8 parts bits from ``real`` ``[B, T]`` bool: log p_t needs tokens t and t+1, K_t
-    needs tokens t−1 and t."""
+def defined_bits(real: Tensor, scored: Optional[Tensor] = None) -> Tensor:
+    """``[B, T]`` uint8 parts bits from the ``[B, T]`` bool real states and scored targets (default: the
+    real states): log p_t needs state t and target t+1, K_t states t−1 and t, the entropy state t."""
+    scored = real if scored is None else scored
     has_lp = torch.zeros_like(real)
-    has_lp[:, :-1] = real[:, :-1] & real[:, 1:]
+    has_lp[:, :-1] = real[:, :-1] & scored[:, 1:]
     has_k = torch.zeros_like(real)
-    has_k[:, 1:] = has_lp[:, :-1]
-    return has_lp.to(torch.uint8) * DEFINED_LOG_PROB + has_k.to(torch.uint8) * DEFINED_KINETIC
+    has_k[:, 1:] = real[:, :-1] & real[:, 1:]
+    return (has_lp.to(torch.uint8) * DEFINED_LOG_PROB + has_k.to(torch.uint8) * DEFINED_KINETIC
+            + real.to(torch.uint8) * DEFINED_STATE)
 
 
 def finish(parts: Parts) -> EnergyResult:
@@ -89,4 +100,5 @@ def finish(parts: Parts) -> EnergyResult:
     return unpack_energy(per_token, parts.defined, stats, counts)
 
 
-__all__ = ["Parts", "finish", "real_tokens", "defined_bits", "DEFINED_LOG_PROB", "DEFINED_KINETIC"]
+__all__ = ["Parts", "finish", "real_tokens", "defined_bits", "DEFINED_LOG_PROB", "DEFINED_KINETIC", "DEFINED_STATE",
+           "PLANES"]

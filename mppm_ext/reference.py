@@ -2,7 +2,9 @@
 match (docs/definitions.md). Written for clarity, not speed: it materialises ``[B, T, V]``
 log-probabilities. Computes in the dtype it is given; the tests call it in float64 for the truth.
 
-Shapes: hidden ``[B, T, d]``, logits ``[B, T, V]``, tokens ``[B, T]`` (int), attention_mask ``[B, T]``.
+Shapes: hidden ``[B, T, d]``, logits ``[B, T, V]``, tokens and labels ``[B, T]`` (int), attention_mask
+``[B, T]``. ``temperature`` divides the logits before every softmax quantity. A logit of -inf is legal
+(that vocabulary entry has probability 0).
 """
 
 from __future__ import annotations
@@ -20,26 +22,49 @@ FLAT_RELATIVE_STD = 1e-12
 
 
 def real_tokens(tokens: Tensor, attention_mask: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
-    """``[B, T]`` bool: token t takes part (mask nonzero and not ``ignore_index``)."""
+    """``[B, T]`` bool: state t is real (mask nonzero and ``tokens[t]`` not ``ignore_index``)."""
     real = tokens != ignore_index
     if attention_mask is not None:
         real = real & (attention_mask != 0)
     return real
 
 
+def scored_targets(tokens: Tensor, labels: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                   ignore_index: int = -100) -> Tensor:
+    """``[B, T]`` bool: token t is a scored target (mask nonzero and ``labels[t]`` not ``ignore_index``;
+    without labels, the tokens are the labels and this is :func:`real_tokens`)."""
+    return real_tokens(tokens if labels is None else labels, attention_mask, ignore_index)
+
+
 def _nan_like(x: Tensor) -> Tensor:
     return torch.full_like(x, float("nan"))
 
 
-def token_log_prob(logits: Tensor, tokens: Tensor, real: Tensor) -> Tensor:
-    """``[B, T]``: log softmax(z_t)[x_{t+1}] where tokens t and t+1 are real, NaN elsewhere."""
-    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-    targets = torch.where(real[:, 1:], tokens[:, 1:], 0).long()
-    picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    defined = real[:, :-1] & real[:, 1:]
+def token_log_prob(logits: Tensor, targets: Tensor, real: Tensor, scored: Optional[Tensor] = None,
+                   temperature: float = 1.0) -> Tensor:
+    """``[B, T]``: log softmax(z_t / temperature)[targets[t+1]] where state t is real and target t+1 is
+    scored (``scored`` defaults to ``real``), NaN elsewhere; -inf where that target's logit is -inf."""
+    scored = real if scored is None else scored
+    log_probs = torch.log_softmax(logits[:, :-1] / temperature, dim=-1)
+    defined = real[:, :-1] & scored[:, 1:]
+    picked = log_probs.gather(-1, torch.where(defined, targets[:, 1:], 0).long().unsqueeze(-1)).squeeze(-1)
     out = _nan_like(logits[..., 0])
     out[:, :-1] = torch.where(defined, picked, float("nan"))
     return out
+
+
+def entropy_logsumexp(logits: Tensor, real: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """``([B, T], [B, T])``: the entropy -sum p log p of softmax(z_t / temperature) (entries of
+    probability 0 add 0) and logsumexp(z_t / temperature), at every real state t; NaN elsewhere."""
+    z = logits / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    log_p = torch.log_softmax(z, dim=-1)
+    p = log_p.exp()
+    # -sum p log p over the entries with p > 0 (log p is replaced by 0 elsewhere *before* the product, so
+    # that neither the value nor the gradient meets 0 * -inf). Summing the terms p log p keeps a nearly
+    # one-hot row's tiny entropy exact, where lse - sum p z would cancel it to 0.
+    entropy = -(p * torch.where(p > 0, log_p, 0.0)).sum(-1)
+    return torch.where(real, entropy, float("nan")), torch.where(real, lse, float("nan"))
 
 
 def kinetic(hidden: Tensor, real: Tensor) -> Tensor:
@@ -52,8 +77,10 @@ def kinetic(hidden: Tensor, real: Tensor) -> Tensor:
     return out
 
 
-def token_quantities(log_prob: Tensor, kin: Tensor) -> dict[str, Tensor]:
-    """Every per-token quantity from log p_t and K_t (docs/definitions.md)."""
+def token_quantities(log_prob: Tensor, kin: Tensor, entropy: Optional[Tensor] = None,
+                     logsumexp: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """Every per-token quantity from log p_t and K_t, with the entropy and logsumexp riding along (NaN
+    when not given) (docs/definitions.md)."""
     valid = ~log_prob.isnan() & ~kin.isnan()
     surprisal = -log_prob
     log_kinetic = torch.log(kin)
@@ -70,6 +97,8 @@ def token_quantities(log_prob: Tensor, kin: Tensor) -> dict[str, Tensor]:
         "log_energy": where_valid(log_kinetic + surprisal),
         "additive_energy": where_valid(kin + log_prob),
         "log_lagrangian": where_valid(log_kinetic - surprisal),
+        "entropy": _nan_like(log_prob) if entropy is None else entropy,
+        "logsumexp": _nan_like(log_prob) if logsumexp is None else logsumexp,
         "valid": valid,
     }
 
@@ -100,21 +129,25 @@ def sequence_stats(q: dict[str, Tensor]) -> EnergyStats:
                        corr_log_kinetic_surprisal=corr)
 
 
-def energy_from_parts(log_prob: Tensor, kin: Tensor) -> EnergyResult:
-    """Every output of :func:`mppm_ext.energy` from its two parts, ``[B, T]`` log p_t and K_t with NaN
-    where undefined (as :func:`token_log_prob` and :func:`kinetic` give them); results in their dtype.
-
-    Backends that produce the parts some other way (from hidden states and the unembedding, or with
-    Triton) finish here in float64: the rest is O(B*T) work."""
-    q = token_quantities(log_prob, kin)
+def energy_from_parts(log_prob: Tensor, kin: Tensor, entropy: Optional[Tensor] = None,
+                      logsumexp: Optional[Tensor] = None) -> EnergyResult:
+    """Every output of :func:`mppm_ext.energy` from its parts, ``[B, T]`` log p_t and K_t (and the entropy
+    and logsumexp, NaN when not given) with NaN where undefined (as :func:`token_log_prob`,
+    :func:`kinetic` and :func:`entropy_logsumexp` give them); results in their dtype."""
+    q = token_quantities(log_prob, kin, entropy, logsumexp)
     return EnergyResult(**q, stats=sequence_stats(q))
 
 
-def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, attention_mask: Optional[Tensor] = None,
-           ignore_index: int = -100) -> EnergyResult:
+def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, labels: Optional[Tensor] = None,
+           attention_mask: Optional[Tensor] = None, ignore_index: int = -100,
+           temperature: float = 1.0) -> EnergyResult:
     """Reference for :func:`mppm_ext.energy` on batched inputs; results in the inputs' dtypes."""
     real = real_tokens(tokens, attention_mask, ignore_index)
-    return energy_from_parts(token_log_prob(logits, tokens, real), kinetic(hidden, real))
+    scored = scored_targets(tokens, labels, attention_mask, ignore_index)
+    targets = tokens if labels is None else labels
+    entropy, lse = entropy_logsumexp(logits, real, temperature)
+    return energy_from_parts(token_log_prob(logits, targets, real, scored, temperature), kinetic(hidden, real),
+                             entropy, lse)
 
 
 def steer_jacobian(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
@@ -147,9 +180,10 @@ def steer_direction(hidden: Tensor, weight: Tensor, targets: Tensor, delta: Tens
     return (J.transpose(1, 2) @ u).squeeze(-1)
 
 
-def energy_from_hidden(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = None,
-                       norm: Optional[Callable[[Tensor], Tensor]] = None, kinetic_state: str = "post",
-                       attention_mask: Optional[Tensor] = None, ignore_index: int = -100) -> EnergyResult:
+def energy_from_hidden(hidden: Tensor, weight: Tensor, tokens: Tensor, *, labels: Optional[Tensor] = None,
+                       bias: Optional[Tensor] = None, norm: Optional[Callable[[Tensor], Tensor]] = None,
+                       kinetic_state: str = "post", attention_mask: Optional[Tensor] = None,
+                       ignore_index: int = -100, temperature: float = 1.0) -> EnergyResult:
     """Reference for :func:`mppm_ext.energy_from_hidden` on batched inputs: the full logits
     ``norm(hidden) @ weight.T + bias``, then :func:`energy` on the post-norm states (or on ``hidden``,
     the pre-norm states, with ``kinetic_state="pre"``). Results in the inputs' dtype."""
@@ -158,4 +192,5 @@ def energy_from_hidden(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: 
     if bias is not None:
         logits = logits + bias
     states = hidden if kinetic_state == "pre" else post
-    return energy(states, logits, tokens, attention_mask=attention_mask, ignore_index=ignore_index)
+    return energy(states, logits, tokens, labels=labels, attention_mask=attention_mask, ignore_index=ignore_index,
+                  temperature=temperature)

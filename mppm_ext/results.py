@@ -19,6 +19,8 @@ TOKEN_QUANTITIES = (
     "log_energy",
     "additive_energy",
     "log_lagrangian",
+    "entropy",
+    "logsumexp",
 )
 #: Quantities with per-sequence statistics: the per-token ones plus point perplexity exp(surprisal).
 STAT_QUANTITIES = TOKEN_QUANTITIES + ("ppl",)
@@ -80,13 +82,20 @@ class EnergyResult:
         log_energy: log K_t + s_t.
         additive_energy: K_t + log p_t (what the paper's code computed).
         log_lagrangian: log K_t - s_t.
-        valid: bool, where tokens t-1, t and t+1 are all real, i.e. where every quantity above is
-            defined. A token is real when attention_mask is nonzero there and it is not ignore_index.
+        entropy: H_t = -sum_v p_t(v) log p_t(v) of the next-token distribution at state t, in nats
+            (with ``temperature``, of softmax(z_t / temperature)). Defined at every real state t,
+            t = T-1 included.
+        logsumexp: logsumexp(z_t / temperature), the log-partition (for a z-loss). Defined as entropy.
+        valid: bool, where the step into t (states t-1, t real) and the surprisal of the target t+1
+            (scored) are both defined, i.e. where every energy-type quantity is.
         stats: :class:`EnergyStats` per sequence.
 
-    Entries that are not defined are NaN: log_prob/surprisal may be defined where ``valid`` is False
-    (e.g. t = 0), as may kinetic/log_kinetic (e.g. t = T-1); the energy-type quantities are NaN
-    exactly where ``valid`` is False.
+    Which positions count: a *state* t is real when attention_mask is nonzero there and tokens[t] is not
+    ignore_index; a *target* t+1 is scored when attention_mask is nonzero there and labels[t+1] (tokens
+    when no labels are given) is not ignore_index. log_prob[t] needs state t real and target t+1 scored;
+    kinetic[t] needs states t-1 and t real. Entries that are not defined are NaN: log_prob/surprisal may
+    be defined where ``valid`` is False (e.g. t = 0), as may kinetic/log_kinetic (e.g. t = T-1); the
+    energy-type quantities are NaN exactly where ``valid`` is False.
     """
 
     log_prob: Tensor
@@ -97,6 +106,8 @@ class EnergyResult:
     log_energy: Tensor
     additive_energy: Tensor
     log_lagrangian: Tensor
+    entropy: Tensor
+    logsumexp: Tensor
     valid: Tensor
     stats: EnergyStats
 
@@ -111,15 +122,18 @@ def unpack_energy(per_token: Tensor, defined: Tensor, stats: Tensor, counts: Ten
 
     Args:
         per_token: ``[len(TOKEN_QUANTITIES), B, T]`` float32, 0 where undefined.
-        defined: ``[B, T]`` uint8; bit 1: log_prob is defined, bit 2: kinetic is defined.
+        defined: ``[B, T]`` uint8 masks: ``& 1`` log_prob is defined, ``& 2`` kinetic is defined,
+            ``& 4`` the state is real (entropy and logsumexp are defined).
         stats: ``[B, 3 * len(STAT_QUANTITIES) + 1]`` float32: means, stds, cvs, then the correlation.
         counts: ``[B, 2]`` int64: used positions, zero-kinetic positions.
     """
     n = len(STAT_QUANTITIES)
     has_log_prob = (defined & 1) != 0
     has_kinetic = (defined & 2) != 0
+    has_state = (defined & 4) != 0
     valid = has_log_prob & has_kinetic
-    where = {"log_prob": has_log_prob, "surprisal": has_log_prob, "kinetic": has_kinetic, "log_kinetic": has_kinetic}
+    where = {"log_prob": has_log_prob, "surprisal": has_log_prob, "kinetic": has_kinetic, "log_kinetic": has_kinetic,
+             "entropy": has_state, "logsumexp": has_state}
 
     def block(offset: int) -> dict[str, Tensor]:
         return {name: stats[:, offset + i] for i, name in enumerate(STAT_QUANTITIES)}

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as check
+from ._autocast import no_autocast
 from ._dispatch import backend_reasons, choose
 
 
@@ -83,52 +84,68 @@ def _tile_logits(h: Tensor, w: Tensor, w_dt: Optional[Tensor], b: Optional[Tenso
     return torch.addmm(b, h, w_dt.T)
 
 
-def _fold_torch(z: Tensor, v0: int, run_max: Tensor, run_sum: Tensor, bad_col: Tensor, targets: Optional[Tensor],
-                picked: Optional[Tensor], alpha: Optional[Tensor]) -> None:
-    """The ``softmax_tile`` contract (csrc/include/mppm/softmax_tile.h) in torch: the reference fold."""
+def _fold_torch(z: Tensor, v0: int, inv_temperature: float, run_max: Tensor, run_sum: Tensor,
+                run_ent: Optional[Tensor], bad_col: Tensor, targets: Optional[Tensor], picked: Optional[Tensor],
+                alpha: Optional[Tensor]) -> None:
+    """The ``softmax_tile`` contract (csrc/include/mppm/softmax_tile.h) in torch, in float64: the reference
+    fold. ``run_max`` is the running reference point m of the row, ``run_sum`` sum exp(x - m) and
+    ``run_ent`` sum exp(x - m) (x - m) over the scaled logits x = z * inv_temperature seen so far; -inf
+    entries add nothing, NaN and +inf mark the row bad."""
+    if inv_temperature != 1.0:
+        z.mul_(inv_temperature)
     cols = z.shape[1]
     if targets is not None:
         inside = (targets >= v0) & (targets < v0 + cols)
         got = z.gather(1, (targets - v0).clamp(0, cols - 1).unsqueeze(1)).squeeze(1).double()
         picked.copy_(torch.where(inside, got, picked))
-    bad = ~torch.isfinite(z)
+    bad = z.isnan() | (z == float("inf"))
     ok = ~bad.any(dim=1)
     first_bad = v0 + bad.int().argmax(dim=1)
     bad_col.copy_(torch.where(~ok & (bad_col < 0), first_bad, bad_col))
-    if alpha is None:
-        tile_lse = torch.logsumexp(z.double(), dim=1)
-        ref = torch.maximum(run_max, tile_lse)
-        new_sum = run_sum * torch.exp(run_max - ref) + torch.exp(tile_lse - ref)
-    else:
-        ref = torch.maximum(run_max, z.max(dim=1).values.double())
-        a = torch.exp(run_max - ref)
-        z.sub_(ref.to(z.dtype).unsqueeze(1)).exp_()
-        z.masked_fill_(~ok.unsqueeze(1), 0.0)
-        new_sum = a * run_sum + z.sum(dim=1, dtype=torch.float64)
+    x = z.double()
+    ref = torch.maximum(run_max, x.max(dim=1).values)
+    live = torch.isfinite(ref)  # False while the row has met no finite logit
+    base = torch.where(live, ref, 0.0)
+    a = torch.where(live, torch.exp(run_max - base), 1.0)
+    e = torch.exp(x - base.unsqueeze(1))  # exactly 0 at -inf entries
+    if run_ent is not None:
+        shift = torch.where(run_sum > 0, run_sum * (run_max - base), 0.0)  # 0 * -inf would be NaN
+        centred = torch.where(e > 0, x - base.unsqueeze(1), 0.0)
+        run_ent.copy_(torch.where(ok, a * (run_ent + shift) + (e * centred).sum(dim=1), run_ent))
+    if alpha is not None:
+        z.copy_(torch.where(ok.unsqueeze(1), e, 0.0))
         alpha.copy_(torch.where(ok, a, 1.0))
-    run_sum.copy_(torch.where(ok, new_sum, run_sum))
-    run_max.copy_(torch.where(ok, ref, run_max))
+    run_sum.copy_(torch.where(ok, a * run_sum + e.sum(dim=1), run_sum))
+    run_max.copy_(torch.where(ok & live, ref, run_max))
 
 
-def _fold_compiled(z: Tensor, v0: int, run_max: Tensor, run_sum: Tensor, bad_col: Tensor,
-                   targets: Optional[Tensor], picked: Optional[Tensor], alpha: Optional[Tensor]) -> None:
+def _fold_compiled(z: Tensor, v0: int, inv_temperature: float, run_max: Tensor, run_sum: Tensor,
+                   run_ent: Optional[Tensor], bad_col: Tensor, targets: Optional[Tensor], picked: Optional[Tensor],
+                   alpha: Optional[Tensor]) -> None:
     from .ops import softmax_tile_op
 
-    softmax_tile_op(z, v0, run_max, run_sum, bad_col, targets, picked, alpha)
+    softmax_tile_op(z, v0, inv_temperature, run_max, run_sum, run_ent, bad_col, targets, picked, alpha)
 
 
 @dataclass
 class _Stream:
     """Per-row state of one streaming pass."""
 
-    lse: Tensor  # [N] float64
+    lse: Tensor  # [N] float64 (-inf for a row without a finite logit)
+    entropy: Optional[Tensor]  # [N] float64
     picked: Optional[Tensor]  # [N] float64: the target logits
     wbar: Optional[Tensor]  # [N, d] (float32, float64 for float64 inputs), normalised
-    bad: Tensor  # [N] bool: the row's logits hold NaN or inf
+    bad: Tensor  # [N] bool: the row's logits hold NaN or +inf
 
 
 def _stream(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Optional[Tensor], moments: bool,
-            fold: Callable[..., None]) -> _Stream:
+            fold: Callable[..., None], inv_temperature: float = 1.0, entropy: bool = False) -> _Stream:
+    # Under autocast torch.mm would hand the fold 16-bit tiles; the pass picks its own precision.
+    with no_autocast(hidden.device):
+        return _stream_tiles(hidden, weight, bias, targets, moments, fold, inv_temperature, entropy)
+
+
+def _stream_tiles(hidden, weight, bias, targets, moments, fold, inv_temperature, entropy) -> _Stream:
     """One pass over ``weight`` in vocabulary chunks (outer) and row blocks (inner), folding every tile
     with ``fold`` (the torch or compiled ``softmax_tile``). Extra memory: ``hidden`` converted to the
     compute dtype and ``wbar`` (O(N*d)), plus one converted vocabulary chunk and one tile (bounded by
@@ -145,6 +162,7 @@ def _stream(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Opt
     run_sum = torch.zeros(n, dtype=torch.float64, device=device)
     bad_col = torch.full((n,), -1, dtype=torch.int64, device=device)
     picked = None if targets is None else torch.zeros(n, dtype=torch.float64, device=device)
+    run_ent = torch.zeros(n, dtype=torch.float64, device=device) if entropy else None
     wbar = torch.zeros(n, d, dtype=dt, device=device) if moments else None
     alpha = torch.empty(n, dtype=dt, device=device) if moments else None
     for v0 in range(0, v, tile.cols):
@@ -156,21 +174,31 @@ def _stream(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Opt
         for r0 in range(0, n, tile.rows):
             rows = slice(r0, min(n, r0 + tile.rows))
             z = _tile_logits(h[rows], w, w_dt, b, tensor_cores)
-            fold(z, v0, run_max[rows], run_sum[rows], bad_col[rows], None if targets is None else targets[rows],
-                 None if picked is None else picked[rows], None if alpha is None else alpha[rows])
+            fold(z, v0, inv_temperature, run_max[rows], run_sum[rows], None if run_ent is None else run_ent[rows],
+                 bad_col[rows], None if targets is None else targets[rows], None if picked is None else picked[rows],
+                 None if alpha is None else alpha[rows])
             if moments:
                 wbar[rows].mul_(alpha[rows].unsqueeze(1)).addmm_(z, w_dt)
     if moments:
         wbar.div_(run_sum.to(dt).unsqueeze(1))
-    return _Stream(run_max + torch.log(run_sum), picked, wbar, bad_col >= 0)
+    log_sum = torch.log(run_sum)
+    # H = log s - u / s for the row's reference point m (lse = m + log s; H does not depend on m).
+    ent = None if run_ent is None else log_sum - run_ent / run_sum
+    return _Stream(run_max + log_sum, ent, picked, wbar, bad_col >= 0)
 
 
 class NonFiniteLogitsError(ValueError):
-    """A logit formed from hidden, weight and bias is NaN or inf; ``row`` and ``column`` locate the first."""
+    """A logit formed from hidden, weight and bias is NaN or +inf (``row`` and ``column`` locate the first),
+    or no logit of ``row`` is finite (``column`` None: every entry is -inf)."""
 
-    def __init__(self, row: int, column: int):
-        super().__init__(f"the logits computed from hidden, weight and bias hold NaN or inf at row {row}, "
-                         f"vocabulary entry {column} (NaN or inf in those inputs, or an overflow)")
+    def __init__(self, row: int, column: Optional[int]):
+        if column is None:
+            message = (f"the logits computed from hidden, weight and bias have no finite entry at row {row} "
+                       "(every vocabulary entry is -inf)")
+        else:
+            message = (f"the logits computed from hidden, weight and bias hold NaN or inf at row {row}, "
+                       f"vocabulary entry {column} (NaN or inf in those inputs, or an overflow)")
+        super().__init__(message)
         self.row, self.column = row, column
 
 
@@ -180,7 +208,7 @@ def non_finite_logits(bad: Tensor, hidden: Tensor, weight: Tensor, bias: Optiona
     row = int(bad.nonzero()[0, 0])
     dt = _compute_dtype(hidden, weight)
     z = weight.to(dt) @ hidden[row].to(dt) + (0 if bias is None else bias.to(dt))
-    found = (~torch.isfinite(z)).nonzero()
+    found = (z.isnan() | (z == float("inf"))).nonzero()
     # A tile's product may round differently from this one (another summation order, TF32): where the
     # recomputed row is finite, its largest logit is the one that overflowed.
     column = int(found[0, 0]) if found.numel() else int(z.abs().argmax())
@@ -191,26 +219,121 @@ def _fold(impl: str) -> Callable[..., None]:
     return _fold_torch if impl == "reference" else _fold_compiled
 
 
-def log_prob_pass(impl: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                  targets: Tensor) -> tuple[Tensor, Tensor]:
-    """The streaming pass behind :func:`token_log_prob_from_hidden`, on checked inputs with the backend
-    already chosen (no validation, no dispatch, no host synchronisation).
+@dataclass(frozen=True)
+class RowSoftmax:
+    """What one log-prob pass gives per row (all ``[N]``): ``log_prob`` of the target, ``logsumexp`` and
+    ``entropy`` of softmax(logits * inv_temperature), float64; ``bad`` (bool) flags rows whose logits
+    hold NaN or +inf (their values are meaningless). A row whose logits are all -inf has logsumexp -inf."""
+
+    log_prob: Tensor
+    logsumexp: Tensor
+    entropy: Tensor
+    bad: Tensor
+
+
+def log_prob_pass(impl: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                  inv_temperature: float = 1.0) -> RowSoftmax:
+    """The streaming pass behind :func:`token_log_prob_from_hidden` and :func:`mppm_ext.energy_from_hidden`,
+    on checked inputs with the backend already chosen (no validation, no dispatch, no host synchronisation).
+    Differentiable in hidden, weight and bias (:class:`_LogProbPass`: the backward streams over the
+    vocabulary again, never holding ``[N, V]``).
 
     Args:
         impl: a backend name that :func:`mppm_ext._dispatch.choose` returned.
-        hidden ``[N, d]``, weight ``[V, d]``, bias ``[V]`` or None, targets ``[N]`` int64 in ``[0, V)``.
-
-    Returns:
-        ``(log_prob [N] float64, bad [N] bool)``: ``bad`` flags rows whose logits hold NaN or inf
-        (their log_prob is meaningless).
+        hidden ``[N, d]``, weight ``[V, d]``, bias ``[V]`` or None, targets ``[N]`` int64 in ``[0, V)``;
+        inv_temperature: the logits are multiplied by it inside the pass.
     """
+    log_prob, lse, entropy, bad = _LogProbPass.apply(hidden, weight, bias, targets, impl, inv_temperature)
+    return RowSoftmax(log_prob, lse, entropy, bad)
+
+
+def _log_prob_forward(impl, hidden, weight, bias, targets, inv_temperature):
     if impl == "triton":
         from .triton import linear
 
-        log_prob = linear.token_log_prob_from_hidden(hidden, weight, bias, targets)
-        return log_prob, ~torch.isfinite(log_prob)
-    s = _stream(hidden, weight, bias, targets, moments=False, fold=_fold(impl))
-    return s.picked - s.lse, s.bad
+        log_prob, lse, entropy = linear.token_log_prob_from_hidden(hidden, weight, bias, targets, inv_temperature)
+        return log_prob, lse, entropy, torch.isnan(lse) | (lse == float("inf"))
+    s = _stream(hidden, weight, bias, targets, moments=False, fold=_fold(impl), inv_temperature=inv_temperature,
+                entropy=True)
+    return s.picked - s.lse, s.lse, s.entropy, s.bad
+
+
+class _LogProbPass(torch.autograd.Function):
+    """The log-prob pass with its backward: for each tile the softmax p = exp(x - lse) is formed again
+    from the saved lse (one more pass over W, no [N, V] storage) and
+        dL/dx = g_lp (onehot(target) - p) + g_lse p - g_H p (x - lse + H),
+    since d lse/dx = p and dH/dx = -p (log p + H); then dL/dz = inv_temperature dL/dx, and the tile's
+    product gives dL/dhidden += dz W, dL/dW += dz^T hidden, dL/db += sum dz."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, impl, inv_temperature):
+        with torch.no_grad():
+            log_prob, lse, entropy, bad = _log_prob_forward(impl, hidden, weight, bias, targets, inv_temperature)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.inv_temperature = inv_temperature
+        ctx.mark_non_differentiable(bad)
+        return log_prob, lse, entropy, bad
+
+    @staticmethod
+    def backward(ctx, g_lp, g_lse, g_ent, _g_bad):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        grads = _log_prob_backward(hidden, weight, bias, targets, lse, entropy, g_lp, g_lse, g_ent,
+                                   ctx.inv_temperature, ctx.needs_input_grad[:3])
+        return (*grads, None, None, None)
+
+
+def softmax_grad(x: Tensor, lse: Tensor, entropy: Tensor, g_lp: Optional[Tensor], g_lse: Optional[Tensor],
+                 g_ent: Optional[Tensor], target_col: Optional[Tensor]) -> Tensor:
+    """dL/dx for rows of scaled logits ``x [R, C]`` (float64) given the row's ``lse``, ``entropy`` and the
+    upstream gradients ``[R]`` of log p (of column ``target_col`` [R], -1 where outside), lse and H (None
+    counts as 0). Shared by the backward of every log-prob path (tiles of W h + b, rows of logits)."""
+    p = torch.exp(x - lse.unsqueeze(1))
+    grad = torch.zeros_like(x)
+    if g_lse is not None:
+        grad += g_lse.unsqueeze(1) * p
+    if g_ent is not None:
+        spread = torch.where(p > 0, x - lse.unsqueeze(1) + entropy.unsqueeze(1), 0.0)  # p = 0 at -inf logits
+        grad -= g_ent.unsqueeze(1) * p * spread
+    if g_lp is not None:
+        grad -= g_lp.unsqueeze(1) * p
+        inside = target_col >= 0
+        grad.scatter_add_(1, target_col.clamp_min(0).unsqueeze(1), torch.where(inside, g_lp, 0.0).unsqueeze(1))
+    return grad
+
+
+def _log_prob_backward(hidden, weight, bias, targets, lse, entropy, g_lp, g_lse, g_ent, inv_temperature,
+                       needs) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    dt = _compute_dtype(hidden, weight)
+    n, d = hidden.shape
+    v = weight.shape[0]
+    tile = tiling(n, v, d, hidden.device.type)
+    h = hidden.to(dt)
+    g_lp, g_lse, g_ent = (None if g is None else g.double() for g in (g_lp, g_lse, g_ent))
+    g_hidden = torch.zeros(n, d, dtype=dt, device=hidden.device) if needs[0] else None
+    g_weight = torch.zeros(v, d, dtype=dt, device=hidden.device) if needs[1] else None
+    g_bias = torch.zeros(v, dtype=torch.float64, device=hidden.device) if needs[2] and bias is not None else None
+    with torch.no_grad(), no_autocast(hidden.device):
+        for v0 in range(0, v, tile.cols):
+            v1 = min(v, v0 + tile.cols)
+            w = weight[v0:v1].to(dt)
+            b = None if bias is None else bias[v0:v1].to(dt)
+            for r0 in range(0, n, tile.rows):
+                rows = slice(r0, min(n, r0 + tile.rows))
+                x = _tile_logits(h[rows], w, w, b, tensor_cores=False).double() * inv_temperature
+                col = torch.where((targets[rows] >= v0) & (targets[rows] < v1), targets[rows] - v0, -1)
+                pick = (lambda g: None if g is None else g[rows])
+                gz = softmax_grad(x, lse[rows], entropy[rows], pick(g_lp), pick(g_lse), pick(g_ent), col)
+                gz = gz * inv_temperature
+                if g_bias is not None:
+                    g_bias[v0:v1] += gz.sum(0)
+                gz = gz.to(dt)
+                if g_hidden is not None:
+                    g_hidden[rows] += gz @ w
+                if g_weight is not None:
+                    g_weight[v0:v1] += gz.T @ h[rows]
+    return (None if g_hidden is None else g_hidden.to(hidden.dtype),
+            None if g_weight is None else g_weight.to(weight.dtype),
+            None if g_bias is None else g_bias.to(bias.dtype))
 
 
 def moments_pass(impl: str, hidden: Tensor, weight: Tensor,
@@ -225,7 +348,7 @@ def moments_pass(impl: str, hidden: Tensor, weight: Tensor,
     if impl == "triton":
         from .triton import linear
 
-        lse, wbar = linear.softmax_moments(hidden, weight, bias)
+        lse, wbar = linear.softmax_moments(hidden, weight, bias, 1.0)
         return lse, wbar, ~(torch.isfinite(lse) & torch.isfinite(wbar).all(-1))
     s = _stream(hidden, weight, bias, None, moments=True, fold=_fold(impl))
     return s.lse, s.wbar.float(), s.bad
@@ -235,22 +358,27 @@ def moments_pass(impl: str, hidden: Tensor, weight: Tensor,
 
 
 def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, *,
-                               impl: str = "auto") -> Tensor:
-    """``log_softmax(hidden @ weight.T + bias)[n, targets[n]]`` for every row, streaming over the vocabulary.
+                               ignore_index: int = -100, temperature: float = 1.0, impl: str = "auto") -> Tensor:
+    """``log_softmax((hidden @ weight.T + bias) / temperature)[n, targets[n]]`` for every row, streaming over
+    the vocabulary. Differentiable in hidden, weight and bias (the backward streams over W again).
 
     Args:
         hidden: ``[N, d]`` float32, bfloat16 or float16 (float64 with ``impl="reference"``).
         weight: ``[V, d]``, the unembedding (same dtype rules as hidden; may differ from hidden's dtype).
-        bias: ``[V]`` or None.
-        targets: ``[N]`` int64 or int32, each in ``[0, V)``.
+        bias: ``[V]`` or None; -inf entries are legal (tokens that can never be predicted).
+        targets: ``[N]`` int64 or int32, each in ``[0, V)`` or ``ignore_index``.
+        ignore_index: a target that is not scored: its row gives NaN (and is not read).
+        temperature: > 0; the logits are divided by it inside the pass.
         impl: ``"auto"`` or a backend name (module docstring).
 
     Returns:
-        ``[N]`` float64 log-probabilities (accumulated in float64 from float32 logits).
+        ``[N]`` float64 log-probabilities (accumulated in float64 from float32 logits); -inf where the
+        target's logit is -inf, NaN where the target is ``ignore_index``.
 
     Raises:
-        TypeError / ValueError: wrong types, shapes, dtypes, devices or target ids (naming the argument);
-            NonFiniteLogitsError (a ValueError) naming the row and vocabulary entry when a logit is NaN or inf.
+        TypeError / ValueError: wrong types, shapes, dtypes, devices, target ids or temperature (naming the
+            argument); NonFiniteLogitsError (a ValueError) naming the row and vocabulary entry when a logit
+            is NaN or +inf, or the row when none of its logits is finite.
         BackendUnavailableError: ``impl`` cannot run on these tensors.
     """
     device = check.unembedding_inputs(hidden, weight, bias, "N")
@@ -259,19 +387,27 @@ def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Te
         raise ValueError(f"targets must be [N] = [{hidden.shape[0]}], got shape {tuple(targets.shape)}")
     check.same_device({"hidden": hidden, "targets": targets})
     check.index_dtype(targets, "targets")
+    inv_temperature = check.temperature(temperature)
     impl = choose("token_log_prob_from_hidden", impl, backend_reasons(device, impl))
     check.float_dtypes(impl == "reference", hidden=hidden, weight=weight, bias=bias)
     if hidden.shape[0] == 0 or not check.has_data(hidden):  # nothing to compute, or shapes only (meta)
         return torch.zeros(hidden.shape[0], dtype=torch.float64, device=device)
     V = weight.shape[0]
-    outside = (targets < 0) | (targets >= V)
-    # Out-of-range ids are clamped for the pass and reported after it, so that the call reads device data
-    # back once (the two checks share one synchronisation).
-    log_prob, bad = log_prob_pass(impl, hidden, weight, bias, targets.long().clamp(0, V - 1).contiguous())
-    if bool(torch.stack([outside.any(), bad.any()]).any()):
-        check.token_range(targets, torch.ones_like(outside), V, "targets")
-        raise non_finite_logits(bad, hidden, weight, bias)
-    return log_prob
+    scored = targets != ignore_index
+    # Ignored rows go through the pass as zero rows; out-of-range ids are clamped for it and reported after
+    # it, so that the call reads device data back once (all checks share one synchronisation).
+    rows = torch.where(scored.unsqueeze(1), hidden, 0)
+    r = log_prob_pass(impl, rows, weight, bias, torch.where(scored, targets, 0).long().clamp(0, V - 1).contiguous(),
+                      inv_temperature)
+    outside = scored & ((targets < 0) | (targets >= V))
+    bad = scored & r.bad
+    empty = scored & ~r.bad & (r.logsumexp == float("-inf"))
+    if bool(torch.stack([outside.any(), bad.any(), empty.any()]).any()):
+        check.token_range(targets, scored, V, "targets")
+        if bool(bad.any()):
+            raise non_finite_logits(bad, hidden, weight, bias)
+        raise NonFiniteLogitsError(int(empty.nonzero()[0, 0]), None)
+    return torch.where(scored, r.log_prob, float("nan"))
 
 
 def softmax_moments(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], *,

@@ -25,12 +25,17 @@ TOLERANCE = {torch.float32: {"atol": 1e-6, "rtol": 2.5e-7}}
 def assert_close(ours, ref, truth, name: str, accumulate=torch.float32) -> None:
     tol = TOLERANCE[accumulate]
     ours, ref, truth = ours.double().cpu(), ref.double().cpu(), truth.double().cpu()
-    # The special values must agree exactly: NaN where undefined, inf where float32 overflows.
     rounded = truth.to(accumulate).double()
-    assert torch.equal(ours.isnan(), rounded.isnan()), f"{name}: NaN pattern differs from the reference"
-    assert torch.equal(ours.isinf(), rounded.isinf()), f"{name}: inf pattern differs from the reference"
-    assert torch.equal(ours[ours.isinf()], rounded[rounded.isinf()]), f"{name}: infinities of different sign"
-    finite = rounded.isfinite()
+    # Where the same-dtype reference itself is not finite but the truth is, the value cannot be formed in
+    # that dtype (e.g. the CV of an entropy whose float32 terms all underflow to 0: 0 / 0): no bound
+    # exists there, so those entries are not compared. Everywhere else the special values must agree
+    # exactly (NaN where undefined, inf where float32 overflows) and the bound holds.
+    ill = rounded.isfinite() & ~ref.isfinite()
+    assert torch.equal(ours.isnan() & ~ill, rounded.isnan()), f"{name}: NaN pattern differs from the reference"
+    assert torch.equal(ours.isinf() & ~ill, rounded.isinf()), f"{name}: inf pattern differs from the reference"
+    both_inf = ours.isinf() & rounded.isinf()
+    assert torch.equal(ours[both_inf], rounded[both_inf]), f"{name}: infinities of different sign"
+    finite = rounded.isfinite() & ~ill
     if not finite.any():
         return
     ref_err = (ref - truth)[finite].abs().nan_to_num(float("inf")).max()
@@ -45,10 +50,28 @@ def assert_close(ours, ref, truth, name: str, accumulate=torch.float32) -> None:
 
 
 def reference_pair(hidden, logits, tokens, **kwargs):
-    """(truth in float64, reference in float32) on the same input values."""
+    """(truth in float64, reference in float32) on the same input values. The float32 reference is an
+    envelope (see _envelope) of the specification run in float32 and of the same run with the entropy
+    formed as the online-softmax kernels form it, log s - u / s with s = sum e^(z - max) and
+    u = sum e^(z - max) (z - max): both are float32 algorithms for the same quantity, and in the second
+    a nearly one-hot row's s = 1 + 1e-11 rounds to 1, so its tiny entropy (3e-10 nats under logits 30
+    apart) loses a few per cent, which the first keeps; statistics of such entropies then differ by luck,
+    not by error."""
     truth = reference.energy(hidden.double(), logits.double(), tokens, **kwargs)
-    ref = reference.energy(hidden.float(), logits.float(), tokens, **kwargs)
-    return truth, ref
+    plain = reference.energy(hidden.float(), logits.float(), tokens, **kwargs)
+    return truth, _envelope(truth, [plain, _lse_form(plain, logits.float(), kwargs.get("temperature", 1.0))])
+
+
+def _lse_form(result, logits, temperature: float):
+    """``result`` with its entropy recomputed as the online-softmax kernels do, log s - u / s, in the logits'
+    dtype, and the statistics finished again."""
+    z = logits / temperature
+    shifted = z - z.amax(-1, keepdim=True)
+    e = torch.exp(shifted)
+    s = e.sum(-1)
+    u = (e * torch.where(e > 0, shifted, 0.0)).sum(-1)
+    entropy = torch.where(result.entropy.isnan(), float("nan"), torch.log(s) - u / s)
+    return reference.energy_from_parts(result.log_prob, result.kinetic, entropy, result.logsumexp)
 
 
 def assert_energy_matches(result, hidden, logits, tokens, **kwargs) -> None:

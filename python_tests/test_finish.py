@@ -13,7 +13,7 @@ import torch
 import mppm_ext
 from helpers import assert_result_matches
 from mppm_ext import ops, reference
-from mppm_ext.parts import DEFINED_KINETIC, DEFINED_LOG_PROB, Parts, finish
+from mppm_ext.parts import DEFINED_KINETIC, DEFINED_LOG_PROB, DEFINED_STATE, Parts, finish
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1), (1, 2), (1, 3), (2, 7), (3, 77), (2, 1023)]
@@ -23,15 +23,19 @@ def _parts(B, T, dtype, *, seed=0, real=None):
     g = torch.Generator().manual_seed(seed + 31 * T + B)
     log_prob = -(torch.rand(B, T, generator=g) * 12).to(dtype).double()
     kinetic = torch.exp(torch.randn(B, T, generator=g) * 2 + 3).to(dtype).double()
+    entropy = (torch.rand(B, T, generator=g) * 9).to(dtype).double()
+    logsumexp = (torch.randn(B, T, generator=g) * 20).to(dtype).double()
     if real is None:
         real = torch.ones(B, T, dtype=torch.bool)
-    return log_prob, kinetic, real
+    return log_prob, kinetic, entropy, logsumexp, real
 
 
 def _truth_and_ref(parts: Parts):
     lp = torch.where((parts.defined & DEFINED_LOG_PROB) != 0, parts.planes[0], float("nan"))
     k = torch.where((parts.defined & DEFINED_KINETIC) != 0, parts.planes[1], float("nan"))
-    return reference.energy_from_parts(lp, k), reference.energy_from_parts(lp.float(), k.float())
+    h, lse = (torch.where((parts.defined & DEFINED_STATE) != 0, parts.planes[i], float("nan")) for i in (2, 3))
+    return (reference.energy_from_parts(lp, k, h, lse),
+            reference.energy_from_parts(lp.float(), k.float(), h.float(), lse.float()))
 
 
 def _check(parts: Parts):
@@ -60,9 +64,9 @@ def test_masks_empty_and_all_masked_sequences(dtype):
 
 
 def test_zero_kinetic_positions_are_counted_and_left_out():
-    log_prob, kinetic, real = _parts(2, 33, torch.float32)
+    log_prob, kinetic, entropy, lse, real = _parts(2, 33, torch.float32)
     kinetic[0, 5] = kinetic[0, 9] = kinetic[1, 1] = 0.0
-    parts = Parts.of(log_prob, kinetic, real)
+    parts = Parts.of(log_prob, kinetic, entropy, lse, real)
     _check(parts)
     result = finish(parts)
     assert result.stats.zero_kinetic.tolist() == [2, 1]
@@ -72,19 +76,20 @@ def test_zero_kinetic_positions_are_counted_and_left_out():
 def test_special_values_follow_the_reference():
     """A target whose logit is -inf (log p = -inf), a float32 overflow of E, a huge K and one position whose
     log p is the only thing defined: NaN and inf patterns, per token and per sequence, as the reference."""
-    log_prob, kinetic, real = _parts(3, 17, torch.float32)
+    log_prob, kinetic, entropy, lse, real = _parts(3, 17, torch.float32)
     log_prob[0, 4] = float("-inf")
     log_prob[1, 6] = -120.0  # E = K exp(120) overflows float32, log E does not
     kinetic[2, 8] = 1e300
     real[2, 12] = False
-    _check(Parts.of(log_prob, kinetic, real))
+    _check(Parts.of(log_prob, kinetic, entropy, lse, real))
 
 
 def test_constant_parts_have_no_correlation():
     B, T = 2, 40
     log_prob = torch.full((B, T), -2.5, dtype=torch.float64)
     kinetic = torch.exp(torch.randn(B, T, dtype=torch.float64))
-    parts = Parts.of(log_prob, kinetic, torch.ones(B, T, dtype=torch.bool))
+    zeros = torch.zeros(B, T, dtype=torch.float64)
+    parts = Parts.of(log_prob, kinetic, zeros, zeros, torch.ones(B, T, dtype=torch.bool))
     _check(parts)
     assert finish(parts).stats.corr_log_kinetic_surprisal.isnan().all()
 
@@ -99,9 +104,9 @@ def test_finish_op_opcheck_and_compile():
 
 
 def test_finish_op_on_meta_tensors_gives_shapes():
-    per_token, stats, counts = ops.energy_finish_op(torch.empty(2, 3, 11, dtype=torch.float64, device="meta"),
+    per_token, stats, counts = ops.energy_finish_op(torch.empty(4, 3, 11, dtype=torch.float64, device="meta"),
                                                     torch.empty(3, 11, dtype=torch.uint8, device="meta"))
-    assert per_token.shape == (8, 3, 11) and stats.shape[0] == 3 and counts.shape == (3, 2)
+    assert per_token.shape == (10, 3, 11) and stats.shape == (3, 34) and counts.shape == (3, 2)
 
 
 def test_every_unfused_backend_finishes_in_the_compiled_finish(monkeypatch):
@@ -125,6 +130,6 @@ def test_every_unfused_backend_finishes_in_the_compiled_finish(monkeypatch):
     for impl in backends:
         mppm_ext.energy_from_hidden(hidden, weight, tokens, impl=impl)
     expected += len(backends)
-    assert calls == [(2, 2, 9)] * expected
+    assert calls == [(4, 2, 9)] * expected
     mppm_ext.energy(hidden, logits, tokens, impl="cpp")
     assert len(calls) == expected  # the fused op finishes inside its one call

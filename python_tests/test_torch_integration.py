@@ -13,7 +13,7 @@ pytestmark = pytest.mark.parametrize("backend", kernel_backends())
 def op_args(device, mask):
     hidden, logits, tokens = make_inputs(2, 9, 16, 301, logits_dtype=torch.bfloat16, device=device)
     m = torch.rand(2, 9, device=device) > 0.2 if mask else None
-    return hidden, logits, tokens, m, -100
+    return hidden, logits, tokens, tokens, m, -100, 1.0
 
 
 @pytest.mark.parametrize("mask", [False, True])
@@ -24,12 +24,12 @@ def test_opcheck(backend, mask):
 
 def test_compile_fullgraph(backend):
     _, device = backend
-    hidden, logits, tokens, mask, _ = op_args(device, True)
+    hidden, logits, tokens, _, mask, _, _ = op_args(device, True)
 
     def pipeline(h, z, x, m):
         # The op between elementwise work that inductor fuses (reductions would reorder sums).
-        per_token, defined, stats, counts = torch.ops.mppm_ext.energy(h * 2.0, z, x, m, -100)
-        return per_token.neg(), defined, stats * 3.0, counts
+        per_token, defined, stats, counts, parts = torch.ops.mppm_ext.energy(h * 2.0, z, x, x, m, -100, 1.0)
+        return per_token.neg(), defined, stats * 3.0, counts, parts
 
     compiled = torch.compile(pipeline, fullgraph=True, dynamic=False)
     expected = pipeline(hidden, logits, tokens, mask)
@@ -39,7 +39,7 @@ def test_compile_fullgraph(backend):
 
 def test_compile_public_function(backend):
     impl, device = backend
-    hidden, logits, tokens, mask, _ = op_args(device, True)
+    hidden, logits, tokens, _, mask, _, _ = op_args(device, True)
 
     def analysis(h, z, x, m):
         return mppm_ext.energy(h, z, x, attention_mask=m, impl=impl).stats.cv["log_energy"]

@@ -19,7 +19,8 @@ def tile_args(device, targets: bool, probs: bool, R=5, C=37):
     t = torch.randint(90, 150, (R,), generator=g).to(device) if targets else None
     picked = torch.zeros(R, dtype=torch.float64, device=device) if targets else None
     alpha = torch.empty(R, device=device) if probs else None
-    return z, 100, run_max, run_sum, bad_col, t, picked, alpha
+    run_ent = torch.zeros(R, dtype=torch.float64, device=device)
+    return z, 100, 0.8, run_max, run_sum, run_ent, bad_col, t, picked, alpha
 
 
 @pytest.mark.parametrize("targets", [False, True])
@@ -42,7 +43,7 @@ def test_compile_fullgraph(backend):
         run_sum = torch.zeros(6, dtype=torch.float64, device=h.device)
         bad_col = torch.full((6,), -1, device=h.device)
         alpha = torch.empty(6, device=h.device)
-        torch.ops.mppm_ext.softmax_tile(z, 0, run_max, run_sum, bad_col, None, None, alpha)
+        torch.ops.mppm_ext.softmax_tile(z, 0, 1.0, run_max, run_sum, None, bad_col, None, None, alpha)
         return run_max + run_sum.log(), (z @ w) / run_sum.unsqueeze(1).float(), alpha
 
     compiled = torch.compile(step, fullgraph=True, dynamic=False)

@@ -1,5 +1,8 @@
-"""mppm_ext.triton.linear against the float64 reference: token_log_prob_from_hidden and softmax_moments
-with odd shapes, dtypes, bias, strides, vocabulary splits, extreme values and determinism."""
+"""mppm_ext.triton.linear against the float64 reference: token_log_prob_from_hidden (log_prob, logsumexp,
+entropy) and softmax_moments with odd shapes, dtypes, bias, temperature, forbidden (-inf) tokens, strides,
+vocabulary splits, extreme and non-finite values and determinism. In Triton's interpreter bf16 tiles are
+multiplied in fp32 (mppm_ext.triton._dot.compute_dtype): there the bf16 cases check everything but the
+bf16 tl.dot itself, which only a GPU run (or test_triton_compiles's PTX) exercises."""
 
 import pytest
 import torch
@@ -26,36 +29,48 @@ def make_linear(N, d, V, *, dtype=torch.float32, weight_dtype=None, bias=True, s
     return to(hidden), to(weight), to(b), to(targets)
 
 
-def logits_in(dtype, hidden, weight, bias):
+def logits_in(dtype, hidden, weight, bias, temperature=1.0):
     z = hidden.to(dtype) @ weight.to(dtype).T
-    return z if bias is None else z + bias.to(dtype)
+    return (z if bias is None else z + bias.to(dtype)) / temperature
 
 
-def check_token_log_prob(hidden, weight, bias, targets):
+def check_token_log_prob(hidden, weight, bias, targets, temperature=1.0):
+    """log_prob, logsumexp and entropy against the float64 truth, a float32 reference setting the bound."""
     from mppm_ext.triton.linear import token_log_prob_from_hidden
 
-    ours = token_log_prob_from_hidden(hidden, weight, bias, targets)
-    assert ours.dtype == torch.float64 and ours.shape == targets.shape
-    pick = lambda z: torch.log_softmax(z, -1).gather(-1, targets[:, None])[:, 0]  # noqa: E731
-    truth = pick(logits_in(torch.float64, hidden, weight, bias))
-    ref = pick(logits_in(torch.float32, hidden, weight, bias))
-    assert_close(ours, ref, truth, "log_prob")
+    ours = token_log_prob_from_hidden(hidden, weight, bias, targets, 1.0 / temperature)
+    assert all(x.dtype == torch.float64 and x.shape == targets.shape for x in ours)
+    result = {}
+    for dtype in (torch.float64, torch.float32):
+        z = logits_in(dtype, hidden, weight, bias, temperature)
+        result[dtype] = (torch.log_softmax(z, -1).gather(-1, targets[:, None])[:, 0], torch.logsumexp(z, -1),
+                         torch.special.entr(torch.softmax(z, -1)).sum(-1))
+    for name, x, ref, truth in zip(("log_prob", "logsumexp", "entropy"), ours, result[torch.float32],
+                                   result[torch.float64]):
+        assert_close(x, ref, truth, name)
     return ours
 
 
-def check_moments(hidden, weight, bias):
+def check_moments(hidden, weight, bias, temperature=1.0):
     from mppm_ext.triton.linear import softmax_moments
 
-    lse, wbar = softmax_moments(hidden, weight, bias)
+    lse, wbar = softmax_moments(hidden, weight, bias, 1.0 / temperature)
     assert lse.dtype == torch.float64 and wbar.dtype == torch.float32 and wbar.shape == hidden.shape
     result = {}
     for dtype in (torch.float64, torch.float32):
-        z = logits_in(dtype, hidden, weight, bias)
+        z = logits_in(dtype, hidden, weight, bias, temperature)
         result[dtype] = (torch.logsumexp(z, -1), torch.softmax(z, -1) @ weight.to(dtype))
     (lse_truth, wbar_truth), (lse_ref, wbar_ref) = result[torch.float64], result[torch.float32]
     assert_close(lse, lse_ref, lse_truth, "lse")
     assert_close(wbar, wbar_ref, wbar_truth, "wbar")
     return lse, wbar
+
+
+def forbid(bias, fraction, seed=0):
+    """``bias`` with a random ``fraction`` of its entries set to -inf (tokens a caller forbids)."""
+    g = torch.Generator().manual_seed(seed)
+    hole = (torch.rand(bias.shape, generator=g) < fraction).to(bias.device)
+    return torch.where(hole, float("-inf"), bias)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -110,6 +125,63 @@ def test_vocabulary_splits_agree(monkeypatch, target_programs, splits):
     assert linear._config(5, 2999, torch.float32)["splits"] == splits  # of 6 tiles
     check_token_log_prob(hidden, weight, bias, targets)
     check_moments(hidden, weight, bias)
+    # The first two tiles forbidden: whole splits with no finite logit (m = -inf) enter the combine.
+    bias[:1024] = float("-inf")
+    check_token_log_prob(hidden, weight, bias, targets, 2.0)
+    check_moments(hidden, weight, bias, 2.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize("N,d,V", [(1, 33, 17), (7, 33, 997)])
+def test_temperature(dtype, temperature, N, d, V):
+    hidden, weight, bias, targets = make_linear(N, d, V, dtype=dtype)
+    at_one = check_token_log_prob(hidden, weight, bias, targets)
+    scaled = check_token_log_prob(hidden, weight, bias, targets, temperature)
+    assert not torch.equal(at_one[2], scaled[2]), "the temperature was ignored"
+    check_moments(hidden, weight, bias, temperature)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")  # the interpreter's numpy: log 0
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # and 0 / 0 with no finite logit
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", [1, 17, 997, 2053])
+def test_forbidden_tokens(dtype, V):
+    """-inf bias entries (forbidden tokens) have probability 0 and add 0 to every sum; a forbidden
+    target has log_prob -inf; with every token forbidden, logsumexp is -inf (the caller reports it)."""
+    from mppm_ext.triton.linear import softmax_moments, token_log_prob_from_hidden
+
+    hidden, weight, bias, targets = make_linear(9, 20, V, dtype=dtype)
+    if V > 1:
+        bias = forbid(bias, 0.3, V)
+        bias[targets[0]] = float("-inf")
+        lp, lse, entropy = check_token_log_prob(hidden, weight, bias, targets, 0.5)
+        assert lp[0] == float("-inf") and lse.isfinite().all() and entropy.isfinite().all()
+        check_moments(hidden, weight, bias, 0.5)
+    none = torch.full_like(bias, float("-inf"))
+    lp, lse, entropy = token_log_prob_from_hidden(hidden, weight, none, targets)
+    assert (lse == float("-inf")).all() and lp.isnan().all() and entropy.isnan().all()
+    lse, wbar = softmax_moments(hidden, weight, none)
+    assert (lse == float("-inf")).all()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on inf
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_logits_give_nan(value):
+    """A NaN or +inf logit makes its row's log_prob, logsumexp and entropy NaN (and its moments' lse),
+    leaving the other rows as they were."""
+    from mppm_ext.triton.linear import softmax_moments, token_log_prob_from_hidden
+
+    hidden, weight, bias, targets = make_linear(6, 12, 997)
+    clean, clean_lse = token_log_prob_from_hidden(hidden, weight, bias, targets), softmax_moments(hidden, weight, bias)[0]
+    hidden[2, 3] = value  # every logit of row 2 becomes NaN or +-inf
+    ours, lse = token_log_prob_from_hidden(hidden, weight, bias, targets), softmax_moments(hidden, weight, bias)[0]
+    assert all(x[2].isnan() for x in ours) and lse[2].isnan()
+    keep = torch.arange(6, device=DEVICE) != 2
+    assert all(torch.equal(x[keep], y[keep]) for x, y in zip(ours, clean)) and torch.equal(lse[keep], clean_lse[keep])
+    bias[500] = value  # every row
+    assert all(x.isnan().all() for x in token_log_prob_from_hidden(hidden, weight, bias, targets))
+    assert softmax_moments(hidden, weight, bias)[0].isnan().all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -123,9 +195,10 @@ def test_extreme_and_equal_logits(dtype):
 
     weight = torch.zeros_like(weight)
     bias = torch.full_like(bias, 0.5)
-    lp = token_log_prob_from_hidden(hidden, weight, bias, targets)
-    assert torch.allclose(lp, torch.full_like(lp, -torch.log(torch.tensor(333.0, dtype=torch.float64)).item()),
-                          atol=1e-6)
+    log_v = torch.log(torch.tensor(333.0, dtype=torch.float64)).item()
+    lp, lse, entropy = token_log_prob_from_hidden(hidden, weight, bias, targets, 0.5)
+    for name, x, value in (("log_prob", lp, -log_v), ("logsumexp", lse, 0.25 + log_v), ("entropy", entropy, log_v)):
+        assert torch.allclose(x, torch.full_like(x, value), rtol=0, atol=1e-6), name
     lse, wbar = softmax_moments(hidden, weight, bias)
     assert torch.equal(wbar, torch.zeros_like(wbar))
 
@@ -134,23 +207,28 @@ def test_deterministic():
     from mppm_ext.triton.linear import softmax_moments, token_log_prob_from_hidden
 
     hidden, weight, bias, targets = make_linear(33, 24, 1500, dtype=torch.bfloat16)
-    assert torch.equal(token_log_prob_from_hidden(hidden, weight, bias, targets),
-                       token_log_prob_from_hidden(hidden, weight, bias, targets))
-    (l1, w1), (l2, w2) = softmax_moments(hidden, weight, bias), softmax_moments(hidden, weight, bias)
+    bias = forbid(bias, 0.2)
+    a = token_log_prob_from_hidden(hidden, weight, bias, targets, 1 / 0.7)
+    b = token_log_prob_from_hidden(hidden, weight, bias, targets, 1 / 0.7)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    (l1, w1), (l2, w2) = softmax_moments(hidden, weight, bias, 1 / 0.7), softmax_moments(hidden, weight, bias, 1 / 0.7)
     assert torch.equal(l1, l2) and torch.equal(w1, w2)
 
 
 @settings(max_examples=10, deadline=None, phases=BOUNDED, derandomize=True)
 @given(N=st.integers(1, 40), d=st.integers(1, 48), V=st.integers(1, 700), dtype=st.sampled_from(DTYPES),
-       bias=st.booleans(), scale=st.sampled_from([1e-2, 3.0, 10.0]), seed=st.integers(0, 2**16))
-def test_property_matches_reference(N, d, V, dtype, bias, scale, seed):
+       bias=st.sampled_from(["none", "finite", "forbidding"]), scale=st.sampled_from([1e-2, 3.0, 10.0]),
+       temperature=st.sampled_from([1.0, 0.5, 2.0]), seed=st.integers(0, 2**16))
+def test_property_matches_reference(N, d, V, dtype, bias, scale, temperature, seed):
     """Logits up to ~40, as a trained LM's. Wider spreads make wbar ill-conditioned: the fp32 rounding
     of z, amplified by exp, moves wbar in any fp32 implementation (at |z| ~ 400 two summation orders
     of the same fp32 reference differ 8x; at logit std 30, 1 draw in 60 exceeded K = 2), so the rule
     would compare luck. The one-hot limit is covered by test_extreme_and_equal_logits."""
-    hidden, weight, b, targets = make_linear(N, d, V, dtype=dtype, bias=bias, scale=scale, seed=seed)
-    check_token_log_prob(hidden, weight, b, targets)
-    check_moments(hidden, weight, b)
+    hidden, weight, b, targets = make_linear(N, d, V, dtype=dtype, bias=bias != "none", scale=scale, seed=seed)
+    if bias == "forbidding" and V > 1:
+        b = forbid(b, 0.2, seed)
+    check_token_log_prob(hidden, weight, b, targets, temperature)
+    check_moments(hidden, weight, b, temperature)
 
 
 @pytest.mark.parametrize("change,exc,match", [
@@ -184,6 +262,7 @@ def test_empty_batch():
     from mppm_ext.triton.linear import softmax_moments, token_log_prob_from_hidden
 
     hidden, weight = torch.randn(0, 8, device=DEVICE), torch.randn(5, 8, device=DEVICE)
-    assert token_log_prob_from_hidden(hidden, weight, None, torch.zeros(0, dtype=torch.long, device=DEVICE)).shape == (0,)
+    out = token_log_prob_from_hidden(hidden, weight, None, torch.zeros(0, dtype=torch.long, device=DEVICE))
+    assert [x.shape for x in out] == [(0,)] * 3
     lse, wbar = softmax_moments(hidden, weight, None)
     assert lse.shape == (0,) and wbar.shape == (0, 8)

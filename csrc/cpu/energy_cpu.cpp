@@ -1,7 +1,8 @@
-// CPU `energy`: one pass over the rows, each row reading its logits once (tile-wise online
-// logsumexp + the target logit) and its two hidden rows (the step into it) and keeping its parts
-// (log_prob, kinetic, defined bits), then the shared finish (finish_cpu.cpp) over those O(N) parts
-// for the per-token planes and the per-sequence statistics. Nothing of size N*V is allocated.
+// CPU `energy`: one pass over the rows, each real state's row reading its logits once (tile-wise
+// online softmax with the entropy accumulator + the target logit) and its two hidden rows (the step
+// into it) and keeping its parts (log_prob, kinetic, entropy, logsumexp, defined bits), then the shared
+// finish (finish_cpu.cpp) over those O(N) parts for the per-token planes and the per-sequence
+// statistics. Nothing of size N*V is allocated.
 #include <omp.h>
 
 #include <atomic>
@@ -30,34 +31,43 @@ struct Sequence {
   int64_t b;
 
   int64_t token(int64_t t) const { return load_index(p.tokens, b * p.tokens_sb + t * p.tokens_st, p.tokens_dtype); }
-  bool real(int64_t t) const {
-    const uint8_t* m = p.mask ? p.mask + b * p.mask_sb + t * p.mask_st : nullptr;
-    return token_is_real(token(t), m, p.ignore_index);
-  }
-  bool in_vocab(int64_t t) const { return token(t) >= 0 && token(t) < p.V; }
+  int64_t label(int64_t t) const { return load_index(p.labels, b * p.labels_sb + t * p.labels_st, p.labels_dtype); }
+  const uint8_t* mask(int64_t t) const { return p.mask ? p.mask + b * p.mask_sb + t * p.mask_st : nullptr; }
+  bool state_real(int64_t t) const { return id_takes_part(token(t), mask(t), p.ignore_index); }
+  bool scored(int64_t t) const { return id_takes_part(label(t), mask(t), p.ignore_index); }
   const void* logits(int64_t t) const { return row_ptr(p.logits, p.logits_dtype, b, t, p.logits_sb, p.logits_st); }
   const void* hidden(int64_t t) const { return row_ptr(p.hidden, p.hidden_dtype, b, t, p.hidden_sb, p.hidden_st); }
 };
 
-// Computes position t of a sequence and records its parts. Returns the fault found there.
+// Computes position t of a sequence and records its parts. Returns the fault found there: faults of
+// the ids first (its token as a real state, its label as the target of state t-1), then of its row,
+// then of its step. A label out of range is position t's fault, so has_lp leaves it to position t+1.
 EnergyFault process_position(const EnergyParams& p, const cpu::RowKernels& k, const Sequence& seq, int64_t t) {
-  const int64_t idx = seq.b * p.T + t;
-  const bool real = seq.real(t);
-  if (real && !seq.in_vocab(t)) return EnergyFault::TokenOutOfRange;
-  const bool has_lp = real && t + 1 < p.T && seq.real(t + 1) && seq.in_vocab(t + 1);
-  const bool has_k = real && t > 0 && seq.real(t - 1);
-  double lp = 0.0, kinetic = 0.0;
-  if (has_lp) {
-    bool finite = true;
+  const bool real = seq.state_real(t);
+  if (real && !in_vocab(seq.token(t), p.V)) return EnergyFault::TokenOutOfRange;
+  if (t > 0 && seq.scored(t) && seq.state_real(t - 1) && !in_vocab(seq.label(t), p.V))
+    return EnergyFault::LabelOutOfRange;
+  const bool has_lp = real && t + 1 < p.T && seq.scored(t + 1) && in_vocab(seq.label(t + 1), p.V);
+  const bool has_k = real && t > 0 && seq.state_real(t - 1);
+  PositionParts q;
+  q.defined = defined_bits(has_lp, has_k, real);
+  if (real) {
+    // The scale in float, as the row kernels apply it: x = z * c exactly, then one rounding of x - m.
+    const float c = float(p.inv_temperature);
     const void* row = seq.logits(t);
-    lp = double(load_element(row, seq.token(t + 1), p.logits_dtype)) - k.logsumexp(row, p.V, p.logits_dtype, &finite);
-    if (!finite) return EnergyFault::NonFiniteLogits;
+    SoftmaxState a;
+    if (!k.softmax(row, p.V, p.logits_dtype, c, &a)) return EnergyFault::NonFiniteLogits;
+    if (a.m == -INFINITY) return EnergyFault::NoFiniteLogit;
+    q.lse = logsumexp_of(a);
+    q.entropy = entropy_of(a);
+    // A -inf target logit gives log_prob = -inf: probability 0, not a fault.
+    if (has_lp) q.lp = double(load_element(row, seq.label(t + 1), p.logits_dtype)) * double(c) - q.lse;
   }
   if (has_k) {
-    kinetic = 0.5 * k.squared_distance(seq.hidden(t), seq.hidden(t - 1), p.d, p.hidden_dtype);
-    if (!std::isfinite(kinetic)) return EnergyFault::NonFiniteHidden;
+    q.k = 0.5 * k.squared_distance(seq.hidden(t), seq.hidden(t - 1), p.d, p.hidden_dtype);
+    if (!std::isfinite(q.k)) return EnergyFault::NonFiniteHidden;
   }
-  record_parts(p, idx, has_lp, lp, has_k, kinetic);
+  record_parts(p, seq.b * p.T + t, q);
   return EnergyFault::None;
 }
 
@@ -85,7 +95,7 @@ EnergyStatus energy_cpu(const EnergyParams& p) {
     status.t = row % p.T;
     const Sequence seq{p, status.b};
     status.fault = process_position(p, kernels, seq, status.t);
-    status.token = seq.token(status.t);
+    status.id = status.fault == EnergyFault::LabelOutOfRange ? seq.label(status.t) : seq.token(status.t);
     return status;
   }
   finish_cpu(finish_of(p));

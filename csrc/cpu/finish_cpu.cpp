@@ -11,16 +11,13 @@ namespace mppm {
 namespace {
 
 void sequence_stats(const FinishParams& p, int64_t b) {
-  const double* lp = p.parts + kPartLogProb * p.B * p.T + b * p.T;
-  const double* kin = p.parts + kPartKinetic * p.B * p.T + b * p.T;
-  const uint8_t* defined = p.defined + b * p.T;
   StatSums sums;
-  for (int64_t t = 0; t < p.T; ++t)
-    if (is_valid(defined[t])) add_first_pass(sums, lp[t], kin[t]);
+  for (int64_t idx = b * p.T; idx < (b + 1) * p.T; ++idx)
+    if (const PositionParts q = load_parts(p, idx); q.valid()) add_first_pass(sums, q);
   double mean[kNumStatQuantities];
   first_pass_means(sums, mean);
-  for (int64_t t = 0; t < p.T; ++t)
-    if (is_valid(defined[t])) add_second_pass(sums, mean, lp[t], kin[t]);
+  for (int64_t idx = b * p.T; idx < (b + 1) * p.T; ++idx)
+    if (const PositionParts q = load_parts(p, idx); q.valid()) add_second_pass(sums, mean, q);
   finish_stats(sums, p.out_stats + b * kNumStatColumns, p.out_counts + b * kNumCountColumns);
 }
 
@@ -28,15 +25,13 @@ void sequence_stats(const FinishParams& p, int64_t b) {
 
 void finish_cpu(const FinishParams& p) {
   const int64_t plane = p.B * p.T;
-  const double* lp = p.parts + kPartLogProb * plane;
-  const double* kin = p.parts + kPartKinetic * plane;
   // Each entry depends on its own position only, and each sequence's sums run in position order in one
   // thread, so the results are bitwise the same for any thread count.
 #pragma omp parallel num_threads(p.launch.num_threads)
   {
 #pragma omp for schedule(static) nowait
     for (int64_t idx = 0; idx < plane; ++idx)
-      write_token_quantities(p.out_tokens, plane, idx, p.defined[idx], lp[idx], kin[idx]);
+      write_token_quantities(p.out_tokens, plane, idx, load_parts(p, idx));
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < p.B; ++b) sequence_stats(p, b);
   }

@@ -1,12 +1,14 @@
 // CUDA `energy`: the computation of energy_cpu.cpp on the GPU, with the same semantics and faults.
 //
-//   energy_rows_kernel     one block per position (b, t): reads the logits row once (online logsumexp
-//                          + the target logit) and the two hidden rows of the step into t, writes the
-//                          parts (scratch) and out_defined, and reports the first faulty row.
+//   energy_rows_kernel     one block per position (b, t): reads the logits row of a real state once
+//                          (online softmax with the entropy accumulator, online_softmax.h, + the target
+//                          logit) and the two hidden rows of the step into t, writes the parts
+//                          (scratch) and out_defined, and reports the first faulty row.
 //   row_partials_kernel    only when B*T is small next to the GPU (a few long rows would leave most SMs
 //                          idle): S blocks per row, each reducing one fixed slice of the logits row to a
-//                          partial (max, sum of exp, non-finite flag); energy_rows_kernel then combines
-//                          the S partials of its row in slice order instead of reading the row.
+//                          partial (max, sums of exp and of the entropy's terms, NaN/+inf flag);
+//                          energy_rows_kernel then combines the S partials of its row in slice order
+//                          instead of reading the row.
 // Then, when no row is faulty, the shared finish (finish_cuda.cu) turns the parts into the per-token
 // planes and the per-sequence statistics.
 //
@@ -17,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -44,10 +47,11 @@ constexpr int kRowBlocksPerSM = 4;
 
 constexpr unsigned kFullWarp = 0xffffffffu;
 
-// The fault word packs (row << 2) | kind, so one atomicMin keeps the smallest faulty row together with
-// its fault. All ones (what cudaMemsetAsync(0xff) gives) means no fault.
+// The fault word packs (row << kFaultBits) | kind, so one atomicMin keeps the smallest faulty row
+// together with its fault. All ones (what cudaMemsetAsync(0xff) gives) means no fault.
 constexpr unsigned long long kNoFault = ~0ull;
-static_assert(static_cast<int>(EnergyFault::NonFiniteHidden) < 4, "a fault kind must fit in two bits");
+constexpr int kFaultBits = 3;
+static_assert(static_cast<int>(EnergyFault::kNumKinds) <= (1 << kFaultBits), "a fault kind must fit in kFaultBits");
 
 // ---------------------------------------------------------------------------------------------------
 // Element access
@@ -89,66 +93,92 @@ __device__ __forceinline__ void unpack<__half>(const uint4& v, float* x) {
   }
 }
 
+__device__ __forceinline__ int64_t load_id(const void* ids, DType dtype, int64_t offset) {
+  return dtype == DType::Int32 ? int64_t(static_cast<const int32_t*>(ids)[offset])
+                               : static_cast<const int64_t*>(ids)[offset];
+}
+
 __device__ __forceinline__ int64_t load_token(const EnergyParams& p, int64_t b, int64_t t) {
-  const int64_t offset = b * p.tokens_sb + t * p.tokens_st;
-  return p.tokens_dtype == DType::Int32 ? int64_t(static_cast<const int32_t*>(p.tokens)[offset])
-                                        : static_cast<const int64_t*>(p.tokens)[offset];
+  return load_id(p.tokens, p.tokens_dtype, b * p.tokens_sb + t * p.tokens_st);
 }
 
-__device__ __forceinline__ bool is_real(const EnergyParams& p, int64_t b, int64_t t, int64_t token) {
+__device__ __forceinline__ int64_t load_label(const EnergyParams& p, int64_t b, int64_t t) {
+  return load_id(p.labels, p.labels_dtype, b * p.labels_sb + t * p.labels_st);
+}
+
+// Whether `id` at (b, t) takes part (a token: the state is real; a label: the target is scored).
+__device__ __forceinline__ bool takes_part(const EnergyParams& p, int64_t b, int64_t t, int64_t id) {
   const uint8_t* m = p.mask ? p.mask + b * p.mask_sb + t * p.mask_st : nullptr;
-  return token_is_real(token, m, p.ignore_index);
+  return id_takes_part(id, m, p.ignore_index);
 }
 
-__device__ __forceinline__ bool in_vocab(int64_t token, int64_t V) { return token >= 0 && token < V; }
+__device__ __forceinline__ bool state_real(const EnergyParams& p, int64_t b, int64_t t) {
+  return takes_part(p, b, t, load_token(p, b, t));
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Per-thread row work
 
-// A thread's online logsumexp over its share of a row: running max m and sum of exp(x - m).
-struct OnlineLse {
+// A thread's online softmax over its share of a row (online_softmax.h, in float): running max m of
+// x = z * c, s = sum exp(x - m), u = sum exp(x - m) * (x - m).
+struct OnlineSoftmax {
   float m;
   float s;
-  float poison;  // x * 0 summed: 0 for finite x, NaN once an inf or NaN was seen
+  float u;
+  bool bad;  // a NaN or +inf was seen (-inf is a legal logit)
 };
 
-// Folds K elements into the state with one rescale for all of them (one extra exp per 16 or 32
-// elements instead of one per element). The K terms are summed apart before being added to s, which
-// bounds the fp32 rounding error by about (K + elements / K) ulp instead of elements ulp.
+// Folds K elements (scaled here by c) into the state with one rescale for all of them (one extra exp
+// per 16 or 32 elements instead of one per element). The K terms are summed apart before being added
+// to s and u, which bounds the fp32 rounding error by about (K + elements / K) ulp instead of elements
+// ulp. A -inf element adds exp(-inf) = 0 to s and 0 * max(-inf, -FLT_MAX) = 0 to u.
 template <int K>
-__device__ __forceinline__ void absorb(OnlineLse& a, const float (&x)[K]) {
-  float chunk_max = x[0];
+__device__ __forceinline__ void absorb(OnlineSoftmax& a, float (&x)[K], float c) {
+  float chunk_max = -INFINITY;
 #pragma unroll
-  for (int i = 1; i < K; ++i) chunk_max = fmaxf(chunk_max, x[i]);
-#pragma unroll
-  for (int i = 0; i < K; ++i) a.poison = fmaf(x[i], 0.0f, a.poison);
+  for (int i = 0; i < K; ++i) {
+    x[i] *= c;
+    a.bad |= !(x[i] < INFINITY);
+    chunk_max = fmaxf(chunk_max, x[i]);  // fmaxf ignores NaN; the flag has it
+  }
   if (chunk_max > a.m) {
-    a.s *= expf(a.m - chunk_max);  // exp(-inf) = 0 on the first chunk
+    if (a.m != -INFINITY) {
+      const float r = expf(a.m - chunk_max);
+      a.u = r * (a.u + a.s * (a.m - chunk_max));
+      a.s *= r;
+    }
     a.m = chunk_max;
   }
-  float chunk_sum = 0.0f;
+  if (a.m == -INFINITY) return;  // nothing finite yet: the chunk adds nothing
+  float chunk_sum = 0.0f, chunk_ent = 0.0f;
 #pragma unroll
-  for (int i = 0; i < K; ++i) chunk_sum += expf(x[i] - a.m);
+  for (int i = 0; i < K; ++i) {
+    const float d = x[i] - a.m;
+    const float e = expf(d);
+    chunk_sum += e;
+    chunk_ent = fmaf(e, fmaxf(d, -FLT_MAX), chunk_ent);
+  }
   a.s += chunk_sum;
+  a.u += chunk_ent;
 }
 
 template <typename T>
-__device__ __forceinline__ void absorb_element(OnlineLse& a, T x) {
-  const float one[1] = {to_float(x)};
-  absorb(a, one);
+__device__ __forceinline__ void absorb_element(OnlineSoftmax& a, T x, float c) {
+  float one[1] = {to_float(x)};
+  absorb(a, one, c);
 }
 
-// This thread's share of logsumexp(row[0, n)). The bulk is read as 16-byte vectors from the first
+// This thread's share of the online softmax of c * row[0, n). The bulk is read as 16-byte vectors from the first
 // 16-byte boundary on; the fewer than 16 / sizeof(T) elements before it and after the last whole
 // vector are read one per thread. Rows of a contiguous tensor with V * sizeof(T) % 16 == 0 (and a
 // 16-byte aligned base) have neither. Assumes the row is aligned to its element size, as every DLPack
 // producer's tensors are. Which thread reads which element depends only on n and the row's address,
 // so the result is reproducible.
 template <typename T>
-__device__ __forceinline__ OnlineLse logsumexp_part(const T* row, int64_t n) {
+__device__ __forceinline__ OnlineSoftmax softmax_part(const T* row, int64_t n, float c) {
   constexpr int kVec = 16 / sizeof(T);
   const int tid = threadIdx.x;
-  OnlineLse a{-INFINITY, 0.0f, 0.0f};
+  OnlineSoftmax a{-INFINITY, 0.0f, 0.0f, false};
 
   const int64_t to_boundary_bytes = int64_t((16 - reinterpret_cast<uintptr_t>(row) % 16) % 16);
   const int64_t to_boundary = to_boundary_bytes / int64_t(sizeof(T));
@@ -156,7 +186,7 @@ __device__ __forceinline__ OnlineLse logsumexp_part(const T* row, int64_t n) {
   const int64_t n_vec = (n - head) / kVec;
   const int64_t tail = head + n_vec * kVec;
 
-  if (tid < head) absorb_element(a, row[tid]);
+  if (tid < head) absorb_element(a, row[tid], c);
 
   const uint4* vec = reinterpret_cast<const uint4*>(row + head);
   int64_t i = tid;
@@ -167,15 +197,15 @@ __device__ __forceinline__ OnlineLse logsumexp_part(const T* row, int64_t n) {
     float x[kUnroll * kVec];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) unpack<T>(v[u], x + u * kVec);
-    absorb(a, x);
+    absorb(a, x, c);
   }
   for (; i < n_vec; i += kRowThreads) {
     float x[kVec];
     unpack<T>(__ldg(vec + i), x);
-    absorb(a, x);
+    absorb(a, x, c);
   }
 
-  if (tid < n - tail) absorb_element(a, row[tail + tid]);
+  if (tid < n - tail) absorb_element(a, row[tail + tid], c);
   return a;
 }
 
@@ -208,17 +238,29 @@ __device__ __forceinline__ double warp_sum(double v) {
 
 struct RowScratch {
   float warp_max[kRowWarps];
-  double warp_lse[kRowWarps];
+  double warp_sum[kRowWarps];
+  double warp_ent[kRowWarps];
   double warp_sq[kRowWarps];
 };
+
+// A thread's (s, u), moved to the block's reference max (online_softmax.h) in double, so the combine
+// adds no error to that of the per-thread fp32 sums. Threads that saw nothing finite give (0, 0).
+__device__ __forceinline__ void thread_sums_at(float m, double s, double u, float ref, double* s_out,
+                                               double* u_out) {
+  if (m == -INFINITY) s = u = 0.0;
+  rescale_to(s, u, double(m), double(ref));
+  *s_out = s;
+  *u_out = u;
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Split rows (stage 1): the partial of one slice of a logits row
 
 struct RowPartial {
-  float m;       // max over the slice (-inf for an empty slice or a row without a log-prob)
-  float poison;  // nonzero when the slice holds an inf or NaN
+  float m;       // max of x over the slice (-inf for an empty slice, a row not read, or no finite entry)
+  float poison;  // nonzero when the slice holds a NaN or +inf
   double s;      // sum of exp(x - m) over the slice
+  double u;      // sum of exp(x - m) * (x - m) over the slice
 };
 
 // Slices are multiples of 64 elements, so every slice of an aligned row starts on a 16-byte boundary.
@@ -226,49 +268,57 @@ constexpr int64_t kSliceAlign = 64;
 // A slice shorter than this is not worth a block: its reduction tail would cost more than its reads.
 constexpr int64_t kMinSlice = 4096;
 
-__device__ __forceinline__ bool row_has_log_prob(const EnergyParams& p, int64_t b, int64_t t, int64_t* target) {
+// The row of (b, t) is read: the state is real (and its token in range; else the row is a fault).
+__device__ __forceinline__ bool row_is_read(const EnergyParams& p, int64_t b, int64_t t) {
   const int64_t token = load_token(p, b, t);
-  if (!is_real(p, b, t, token) || !in_vocab(token, p.V) || t + 1 >= p.T) return false;
-  *target = load_token(p, b, t + 1);
-  return is_real(p, b, t + 1, *target) && in_vocab(*target, p.V);
+  return takes_part(p, b, t, token) && in_vocab(token, p.V);
 }
 
 // Block (row, k) of a grid of n_rows * splits blocks reduces slice k of the row: elements
-// [k * slice, min(V, (k + 1) * slice)). The same per-thread online logsumexp and warp trees as a whole
+// [k * slice, min(V, (k + 1) * slice)). The same per-thread online softmax and warp trees as a whole
 // row, so the partials, and the combine in energy_rows_kernel, are reproducible.
 template <typename LT>
 __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM)
     row_partials_kernel(const EnergyParams p, int splits, int64_t slice, RowPartial* partials) {
   __shared__ float warp_max_s[kRowWarps];
   __shared__ double warp_sum_s[kRowWarps];
+  __shared__ double warp_ent_s[kRowWarps];
   const int64_t n_rows = p.B * p.T;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const float c = float(p.inv_temperature);
   for (int64_t block = blockIdx.x; block < n_rows * splits; block += gridDim.x) {
     const int64_t row = block / splits, k = block % splits;
     const int64_t b = row / p.T, t = row % p.T;
     const int64_t start = k * slice;
     const int64_t len = start < p.V ? (p.V - start < slice ? p.V - start : slice) : 0;
-    int64_t target = 0;
-    OnlineLse a{-INFINITY, 0.0f, 0.0f};
-    if (len > 0 && row_has_log_prob(p, b, t, &target)) {
+    OnlineSoftmax a{-INFINITY, 0.0f, 0.0f, false};
+    if (len > 0 && row_is_read(p, b, t)) {
       const LT* logits = static_cast<const LT*>(p.logits) + (b * p.logits_sb + t * p.logits_st);
-      a = logsumexp_part(logits + start, len);
+      a = softmax_part(logits + start, len, c);
     }
     const float m_warp = warp_max(a.m);
     if (lane == 0) warp_max_s[warp] = m_warp;
-    const bool poisoned = __syncthreads_or(a.poison != 0.0f);
+    const bool poisoned = __syncthreads_or(a.bad);
     float m = warp_max_s[0];
 #pragma unroll
     for (int w = 1; w < kRowWarps; ++w) m = fmaxf(m, warp_max_s[w]);
-    const double part = a.m == -INFINITY ? 0.0 : double(a.s) * exp(double(a.m) - double(m));
-    const double sum_warp = warp_sum(part);
-    if (lane == 0) warp_sum_s[warp] = sum_warp;
+    double part_s = 0.0, part_u = 0.0;
+    if (!poisoned) thread_sums_at(a.m, a.s, a.u, m, &part_s, &part_u);
+    const double sum_warp = warp_sum(part_s);
+    const double ent_warp = warp_sum(part_u);
+    if (lane == 0) {
+      warp_sum_s[warp] = sum_warp;
+      warp_ent_s[warp] = ent_warp;
+    }
     __syncthreads();
     if (threadIdx.x == 0) {
-      double sum = 0.0;
+      double sum = 0.0, ent = 0.0;
 #pragma unroll
-      for (int w = 0; w < kRowWarps; ++w) sum += warp_sum_s[w];
-      partials[block] = RowPartial{m, poisoned ? 1.0f : 0.0f, sum};
+      for (int w = 0; w < kRowWarps; ++w) {
+        sum += warp_sum_s[w];
+        ent += warp_ent_s[w];
+      }
+      partials[block] = RowPartial{m, poisoned ? 1.0f : 0.0f, sum, ent};
     }
     __syncthreads();  // the shared arrays are reused by the next block-row
   }
@@ -281,7 +331,7 @@ __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM)
 // in thread 0 (the other threads may not know about NonFiniteHidden). The parts are written only when the
 // row has no fault, as on the CPU.
 // With `partials` (split rows), the row's logits are not read here: thread k < splits takes the partial
-// of slice k as its online-logsumexp state, and the combine below is the one a whole row gets.
+// of slice k as its online-softmax state, and the combine below is the one a whole row gets.
 template <typename LT, typename HT>
 __device__ __forceinline__ EnergyFault process_row(const EnergyParams& p, int64_t row, RowScratch& scratch,
                                                    const RowPartial* partials, int splits) {
@@ -291,32 +341,40 @@ __device__ __forceinline__ EnergyFault process_row(const EnergyParams& p, int64_
   const int lane = tid % 32;
   const int warp = tid / 32;
 
-  // Every thread evaluates the token tests itself (the loads are broadcasts), so every branch below
+  // Every thread evaluates the id tests itself (the loads are broadcasts), so every branch below
   // that contains a barrier is taken by the whole block or by none of it.
   const int64_t token = load_token(p, b, t);
-  const bool real = is_real(p, b, t, token);
+  const bool real = takes_part(p, b, t, token);
   if (real && !in_vocab(token, p.V)) return EnergyFault::TokenOutOfRange;
+  const bool prev_real = t > 0 && state_real(p, b, t - 1);
+  if (prev_real) {
+    const int64_t label = load_label(p, b, t);
+    if (takes_part(p, b, t, label) && !in_vocab(label, p.V)) return EnergyFault::LabelOutOfRange;
+  }
   bool has_lp = false;
   int64_t target = 0;
   if (real && t + 1 < p.T) {
-    target = load_token(p, b, t + 1);
-    has_lp = is_real(p, b, t + 1, target) && in_vocab(target, p.V);
+    target = load_label(p, b, t + 1);
+    has_lp = takes_part(p, b, t + 1, target) && in_vocab(target, p.V);
   }
-  const bool has_k = real && t > 0 && is_real(p, b, t - 1, load_token(p, b, t - 1));
+  const bool has_k = real && prev_real;
+  const float c = float(p.inv_temperature);
 
-  OnlineLse lse{-INFINITY, 0.0f, 0.0f};
-  double lse_s = 0.0;  // the thread's sum of exp(x - lse.m), in double so that partials keep theirs
+  OnlineSoftmax sm{-INFINITY, 0.0f, 0.0f, false};
+  double sm_s = 0.0, sm_u = 0.0;  // the thread's sums, in double so that partials keep theirs
   float target_logit = 0.0f;
-  if (has_lp) {
+  if (real) {
     const LT* logits = static_cast<const LT*>(p.logits) + (b * p.logits_sb + t * p.logits_st);
-    if (tid == 0) target_logit = to_float(logits[target]);
+    if (tid == 0 && has_lp) target_logit = to_float(logits[target]);
     if (partials == nullptr) {
-      lse = logsumexp_part(logits, p.V);
-      lse_s = double(lse.s);
+      sm = softmax_part(logits, p.V, c);
+      sm_s = double(sm.s);
+      sm_u = double(sm.u);
     } else if (tid < splits) {
       const RowPartial q = partials[row * splits + tid];
-      lse = OnlineLse{q.m, 0.0f, q.poison};
-      lse_s = q.s;
+      sm = OnlineSoftmax{q.m, 0.0f, 0.0f, q.poison != 0.0f};
+      sm_s = q.s;
+      sm_u = q.u;
     }
   }
   double sq_part = 0.0;
@@ -326,26 +384,26 @@ __device__ __forceinline__ EnergyFault process_row(const EnergyParams& p, int64_
   }
 
   float row_max = 0.0f;
-  double lse_part = 0.0;
-  if (has_lp) {
-    const float m = warp_max(lse.m);
+  double sum_part = 0.0, ent_part = 0.0;
+  if (real) {
+    const float m = warp_max(sm.m);
     if (lane == 0) scratch.warp_max[warp] = m;
-    // The barrier that publishes the warp maxima also ORs the threads' non-finite flags.
-    if (__syncthreads_or(lse.poison != 0.0f)) return EnergyFault::NonFiniteLogits;
+    // The barrier that publishes the warp maxima also ORs the threads' NaN/+inf flags.
+    if (__syncthreads_or(sm.bad)) return EnergyFault::NonFiniteLogits;
     row_max = scratch.warp_max[0];
 #pragma unroll
     for (int w = 1; w < kRowWarps; ++w) row_max = fmaxf(row_max, scratch.warp_max[w]);
-    // The threads' sums are rescaled to the row max and combined in double, so the combine adds no
-    // error to that of the per-thread fp32 sums. Threads that read nothing have m = -inf and s = 0,
-    // giving 0.
-    lse_part = lse.m == -INFINITY ? 0.0 : lse_s * exp(double(lse.m) - double(row_max));
+    if (row_max == -INFINITY) return EnergyFault::NoFiniteLogit;
+    thread_sums_at(sm.m, sm_s, sm_u, row_max, &sum_part, &ent_part);
   }
-  double lse_sum = 0.0, sq_sum = 0.0;
-  if (has_lp || has_k) {
-    const double lse_warp = warp_sum(lse_part);
+  double sum = 0.0, ent = 0.0, sq_sum = 0.0;
+  if (real) {
+    const double sum_warp = warp_sum(sum_part);
+    const double ent_warp = warp_sum(ent_part);
     const double sq_warp = warp_sum(sq_part);
     if (lane == 0) {
-      scratch.warp_lse[warp] = lse_warp;
+      scratch.warp_sum[warp] = sum_warp;
+      scratch.warp_ent[warp] = ent_warp;
       scratch.warp_sq[warp] = sq_warp;
     }
     __syncthreads();
@@ -353,17 +411,28 @@ __device__ __forceinline__ EnergyFault process_row(const EnergyParams& p, int64_
       // The final combine of the warp totals stays in double, in warp order.
 #pragma unroll
       for (int w = 0; w < kRowWarps; ++w) {
-        lse_sum += scratch.warp_lse[w];
+        sum += scratch.warp_sum[w];
+        ent += scratch.warp_ent[w];
         sq_sum += scratch.warp_sq[w];
       }
     }
   }
   if (tid != 0) return EnergyFault::None;
 
-  const double lp = has_lp ? double(target_logit) - (double(row_max) + log(lse_sum)) : 0.0;
-  const double kinetic = has_k ? 0.5 * sq_sum : 0.0;
-  if (has_k && !isfinite(kinetic)) return EnergyFault::NonFiniteHidden;
-  record_parts(p, row, has_lp, lp, has_k, kinetic);
+  PositionParts q;
+  q.defined = defined_bits(has_lp, has_k, real);
+  if (real) {
+    const SoftmaxState state{double(row_max), sum, ent};
+    q.lse = logsumexp_of(state);
+    q.entropy = entropy_of(state);
+    // A -inf target logit gives log_prob = -inf: probability 0, not a fault.
+    if (has_lp) q.lp = double(target_logit * c) - q.lse;
+  }
+  if (has_k) {
+    q.k = 0.5 * sq_sum;
+    if (!isfinite(q.k)) return EnergyFault::NonFiniteHidden;
+  }
+  record_parts(p, row, q);
   return EnergyFault::None;
 }
 
@@ -375,7 +444,7 @@ __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM)
   for (int64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
     const EnergyFault f = process_row<LT, HT>(p, row, scratch, partials, splits);
     if (threadIdx.x == 0 && f != EnergyFault::None)
-      atomicMin(fault, (static_cast<unsigned long long>(row) << 2) | static_cast<unsigned long long>(f));
+      atomicMin(fault, (static_cast<unsigned long long>(row) << kFaultBits) | static_cast<unsigned long long>(f));
     // The next row reuses the scratch, which thread 0 may still be reading.
     __syncthreads();
   }
@@ -473,13 +542,17 @@ EnergyStatus energy_cuda(const EnergyParams& p) {
                "cudaMemcpyAsync (fault)");
     check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
     if (word != kNoFault) {
-      const int64_t row = static_cast<int64_t>(word >> 2);
-      status.fault = static_cast<EnergyFault>(word & 3u);
+      const int64_t row = static_cast<int64_t>(word >> kFaultBits);
+      status.fault = static_cast<EnergyFault>(word & ((1u << kFaultBits) - 1));
       status.b = row / p.T;
       status.t = row % p.T;
-      const int64_t offset = status.b * p.tokens_sb + status.t * p.tokens_st;
-      status.token = p.tokens_dtype == DType::Int32 ? copy_to_host<int32_t>(p.tokens, offset, stream)
-                                                    : copy_to_host<int64_t>(p.tokens, offset, stream);
+      const bool label = status.fault == EnergyFault::LabelOutOfRange;
+      const void* ids = label ? p.labels : p.tokens;
+      const DType dtype = label ? p.labels_dtype : p.tokens_dtype;
+      const int64_t offset = label ? status.b * p.labels_sb + status.t * p.labels_st
+                                   : status.b * p.tokens_sb + status.t * p.tokens_st;
+      status.id = dtype == DType::Int32 ? copy_to_host<int32_t>(ids, offset, stream)
+                                        : copy_to_host<int64_t>(ids, offset, stream);
       return status;
     }
   }

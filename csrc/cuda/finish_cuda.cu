@@ -1,7 +1,7 @@
 // CUDA `energy_finish`: the computation of finish_cpu.cpp on the GPU, with the same arithmetic
 // (energy_math.h) and the same order of additions within each sequence's passes, up to the tree below.
 //
-//   finish_tokens_kernel    one thread per position: its eight per-token planes from its parts.
+//   finish_tokens_kernel    one thread per position: its ten per-token planes from its parts.
 //   sequence_stats_kernel   one block per sequence: the two-pass statistics of energy_math.h.
 //
 // Both reduce (or not) in a fixed order (per-thread loops with a fixed position assignment, then a
@@ -17,22 +17,20 @@
 namespace mppm {
 namespace {
 
-// Token kernel: a position reads 17 bytes and writes 32, so the kernel is bound by memory; 256
+// Token kernel: a position reads 33 bytes and writes 40, so the kernel is bound by memory; 256
 // threads and a grid-stride loop are the usual shape for such a kernel.
 constexpr int kTokenThreads = 256;
 
-// Statistics kernel: each thread keeps a whole StatSums (168 bytes) in shared memory for the tree
-// reduction; 128 threads need 21 KiB, well inside the 48 KiB of static shared memory, and a sequence
+// Statistics kernel: each thread keeps a whole StatSums (200 bytes) in shared memory for the tree
+// reduction; 128 threads need 25 KiB, well inside the 48 KiB of static shared memory, and a sequence
 // has only a few thousand positions, which 128 threads cover in a few dozen steps per pass.
 constexpr int kStatThreads = 128;
 
 __global__ void __launch_bounds__(kTokenThreads) finish_tokens_kernel(const FinishParams p) {
   const int64_t plane = p.B * p.T;
-  const double* lp = p.parts + kPartLogProb * plane;
-  const double* kin = p.parts + kPartKinetic * plane;
   for (int64_t idx = int64_t(blockIdx.x) * kTokenThreads + threadIdx.x; idx < plane;
        idx += int64_t(gridDim.x) * kTokenThreads)
-    write_token_quantities(p.out_tokens, plane, idx, p.defined[idx], lp[idx], kin[idx]);
+    write_token_quantities(p.out_tokens, plane, idx, load_parts(p, idx));
 }
 
 __device__ __forceinline__ void merge(StatSums& a, const StatSums& b) {
@@ -64,15 +62,10 @@ __global__ void __launch_bounds__(kStatThreads) sequence_stats_kernel(const Fini
   __shared__ alignas(StatSums) unsigned char storage[kStatThreads * sizeof(StatSums)];
   StatSums* part = reinterpret_cast<StatSums*>(storage);
   const int tid = threadIdx.x;
-  const int64_t plane = p.B * p.T;
   for (int64_t b = blockIdx.x; b < p.B; b += gridDim.x) {
-    const double* lp = p.parts + kPartLogProb * plane + b * p.T;
-    const double* kin = p.parts + kPartKinetic * plane + b * p.T;
-    const uint8_t* defined = p.defined + b * p.T;
-
     StatSums first;
     for (int64_t t = tid; t < p.T; t += kStatThreads)
-      if (is_valid(defined[t])) add_first_pass(first, lp[t], kin[t]);
+      if (const PositionParts q = load_parts(p, b * p.T + t); q.valid()) add_first_pass(first, q);
     part[tid] = first;
     tree_reduce(part);
     StatSums total = part[0];
@@ -82,7 +75,7 @@ __global__ void __launch_bounds__(kStatThreads) sequence_stats_kernel(const Fini
 
     StatSums second;
     for (int64_t t = tid; t < p.T; t += kStatThreads)
-      if (is_valid(defined[t])) add_second_pass(second, mean, lp[t], kin[t]);
+      if (const PositionParts q = load_parts(p, b * p.T + t); q.valid()) add_second_pass(second, mean, q);
     part[tid] = second;
     tree_reduce(part);
     if (tid == 0) {

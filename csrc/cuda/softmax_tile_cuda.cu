@@ -1,10 +1,12 @@
 // CUDA `softmax_tile`: the CPU kernel's fold (softmax_tile_cpu.cpp) with one block per tile row.
 // A tile row is a few thousand floats that cuBLAS has just written (mostly still in L2), so the kernel
-// is short: a max pass, then an exp pass that writes the probabilities in place. Reductions use a fixed
+// is short: a max pass that scales the row in place, then an exp pass that writes the probabilities in
+// place (moments pass) and sums the softmax's and the entropy's terms. Reductions use a fixed
 // element-to-thread assignment and fixed shuffle and shared-memory trees: no atomics, bitwise
 // reproducible. Faults are recorded in bad_col on the device; the caller checks it once per call.
 #include <cuda_runtime.h>
 
+#include <cfloat>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -55,49 +57,60 @@ __global__ void __launch_bounds__(kThreads) softmax_tile_kernel(const SoftmaxTil
   __shared__ long long shared_i[kWarps];
   const int64_t r = blockIdx.x;
   float* row = p.z + r * p.z_stride;
-  const double old_max = p.run_max[r];
-  if (threadIdx.x == 0) {
-    const int64_t target = target_column(p, r);
-    if (target >= 0) p.picked[r] = double(row[target]);
-  }
+  const float c = float(p.inv_temperature);
+  const int64_t target = target_column(p, r);
 
+  // The scale in place (each thread rewrites only the columns it reads again below, so no barrier is
+  // needed), the target logit by the thread that owns its column, the max and the first NaN / +inf.
   float m = -INFINITY;
   long long first_bad = LLONG_MAX;
-  for (int64_t c = threadIdx.x; c < p.C; c += kThreads) {
-    const float x = row[c];
-    if (!isfinite(x) && first_bad == LLONG_MAX) first_bad = c;
+  for (int64_t j = threadIdx.x; j < p.C; j += kThreads) {
+    const float x = row[j] * c;
+    if (c != 1.0f) row[j] = x;
+    if (j == target) p.picked[r] = double(x);
+    if (!(x < INFINITY) && first_bad == LLONG_MAX) first_bad = j;  // NaN or +inf; -inf is legal
     m = fmaxf(m, x);
   }
   first_bad = block_reduce(first_bad, MinOp{}, shared_i);
-  if (first_bad != LLONG_MAX) {
-    // As on the CPU: the state is kept, the row's probabilities are zeroed, the fault is recorded.
+  m = block_reduce(m, MaxOp{}, shared_f);
+  if (first_bad != LLONG_MAX || m == -INFINITY) {
+    // A fault (as on the CPU: the state is kept, the row's probabilities are zeroed, the fault is
+    // recorded) or a tile row of -inf only, which adds nothing.
     if (p.alpha != nullptr)
-      for (int64_t c = threadIdx.x; c < p.C; c += kThreads) row[c] = 0.0f;
+      for (int64_t j = threadIdx.x; j < p.C; j += kThreads) row[j] = 0.0f;
     if (threadIdx.x == 0) {
-      if (p.bad_col[r] < 0) p.bad_col[r] = p.v0 + first_bad;
+      if (first_bad != LLONG_MAX && p.bad_col[r] < 0) p.bad_col[r] = p.v0 + first_bad;
       if (p.alpha != nullptr) p.alpha[r] = 1.0f;
     }
     return;
   }
-  m = block_reduce(m, MaxOp{}, shared_f);
 
-  double alpha = 0.0, run_max = old_max;
-  const float shift = p.alpha == nullptr ? m : float(raise_max(run_max, double(m), alpha));
-  float partial = 0.0f;
-  for (int64_t c = threadIdx.x; c < p.C; c += kThreads) {
-    const float e = expf(row[c] - shift);
-    if (p.alpha != nullptr) row[c] = e;
-    partial += e;
+  SoftmaxState state = run_state(p, r);
+  double alpha = 0.0;
+  const float shift = p.alpha == nullptr ? m : float(raise_max(state, double(m), alpha));
+  float partial_s = 0.0f, partial_u = 0.0f;
+  for (int64_t j = threadIdx.x; j < p.C; j += kThreads) {
+    const float d = row[j] - shift;
+    const float e = expf(d);  // 0 for -inf
+    if (p.alpha != nullptr) row[j] = e;
+    partial_s += e;
+    partial_u = fmaf(e, fmaxf(d, -FLT_MAX), partial_u);  // 0 * -inf taken as 0
   }
-  const double total = block_reduce(double(partial), SumOp{}, shared_d);
+  const double total_s = block_reduce(double(partial_s), SumOp{}, shared_d);
+  const double total_u = block_reduce(double(partial_u), SumOp{}, shared_d);
   if (threadIdx.x != 0) return;
   if (p.alpha == nullptr) {
-    fold_logsumexp(p.run_max[r], p.run_sum[r], double(m) + log(total));
+    SoftmaxState tile;
+    tile.m = double(m);
+    tile.s = total_s;
+    tile.u = total_u;
+    fold(state, tile);
   } else {
-    p.run_max[r] = run_max;
-    p.run_sum[r] = alpha * p.run_sum[r] + total;
+    state.s += total_s;
+    state.u += total_u;
     p.alpha[r] = float(alpha);
   }
+  store_run_state(p, r, state);
 }
 
 }  // namespace

@@ -1,9 +1,12 @@
 """Triton kernels (optional: nothing here imports triton until a kernel is asked for).
 
 One family of kernels per module, each kernel ``_<op>_kernel`` next to the function that launches it:
-    energy.energy_parts                 log p_t and K_t from logits and hidden states
-    linear.token_log_prob_from_hidden   log softmax(h W^T + b)[target] without the [N, V] logits
+    energy.energy_parts                 log p_t, K_t, entropy and logsumexp from logits and hidden states
+    linear.token_log_prob_from_hidden   log softmax((h W^T + b) / temperature)[target], its logsumexp and
+                                        entropy, without the [N, V] logits
     linear.softmax_moments              logsumexp and W^T softmax(W h + b) in one pass over W
+    cg.cg_solve                         batched conjugate gradient of the steering solve
+The online softmax with the entropy that the first three share is in ``_online``.
 
 On a GPU-less machine the kernels run on CPU tensors in Triton's interpreter, which Triton turns on
 when ``TRITON_INTERPRET=1`` is set at the moment a kernel is defined, i.e. before the first import of
@@ -13,9 +16,11 @@ than the compiled C++ kernels.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
+from torch import Tensor
 
 
 def _interpreted() -> bool:
@@ -45,4 +50,10 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return None
 
 
-__all__ = ["unavailable_reason"]
+def on_device(x: Tensor):
+    """The context to launch a kernel on ``x`` in: Triton launches on the current CUDA device, whatever
+    device the tensors are on, so a CUDA tensor's own device is made current (a no-op on CPU)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+__all__ = ["unavailable_reason", "on_device"]

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import on_device
 from ._dot import compute_dtype, dot_precision, tl_dtype
 
 #: Largest m: the padded Gram tile (MAX_TARGETS^2 fp32) is held by one program's registers.
@@ -22,9 +23,13 @@ MAX_TARGETS = 128
 
 @triton.jit
 def _cg_kernel(g_ptr, rhs_ptr, u_ptr, iters_ptr, residual_ptr,
-               m, D, g_sb, g_sm, rhs_sb, lam, tol2, max_iter,
+               m, D, g_sb, g_sm, rhs_sb, lam: tl.float64, tol2: tl.float64, max_iter,
                COMPUTE: tl.constexpr, PRECISION: tl.constexpr, M_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
+    # fp64 scalars in both modes (the interpreter passes Python floats, which would otherwise enter
+    # the arithmetic as fp32 constants): in fp32, tol2 = tol**2 is 0 for tol below ~1e-19.
+    lam = tl.full([], lam, tl.float64)
+    tol2 = tl.full([], tol2, tl.float64)
     rows = tl.arange(0, M_PAD)
     row_ok = rows < m
     gram = tl.zeros([M_PAD, M_PAD], dtype=tl.float32)
@@ -35,7 +40,7 @@ def _cg_kernel(g_ptr, rhs_ptr, u_ptr, iters_ptr, residual_ptr,
         gram = tl.dot(g, tl.trans(g), gram, input_precision=PRECISION)
     # Padded rows and columns stay zero (so do rhs, u, r, p there): they never enter the sums.
     diagonal = (rows[:, None] == rows[None, :]) & row_ok[:, None]
-    a = gram.to(tl.float64) + tl.where(diagonal, lam, 0.0).to(tl.float64)
+    a = gram.to(tl.float64) + tl.where(diagonal, lam, 0.0)
     rhs = tl.load(rhs_ptr + b * rhs_sb + rows, mask=row_ok, other=0.0).to(tl.float64)
     u = tl.zeros([M_PAD], dtype=tl.float64)
     r = rhs
@@ -96,8 +101,9 @@ def cg_solve(G: Tensor, rhs: Tensor, lam: float, tol: float, max_iter: int) -> t
     residual = torch.empty(B, dtype=torch.float32, device=G.device)
     m_pad = max(16, triton.next_power_of_2(m))
     # 64-wide d tiles: m_pad x 64 operands for the Gram dot; 8 warps hold a 128 x 128 Gram in registers.
-    _cg_kernel[(B,)](G, rhs, u, iters, residual, m, d, G.stride(0), G.stride(1), rhs.stride(0),
-                     float(lam), float(tol) ** 2, int(max_iter),
-                     COMPUTE=tl_dtype(compute), PRECISION=dot_precision(compute), M_PAD=m_pad, BLOCK_D=64,
-                     num_warps=4 if m_pad <= 64 else 8)
+    with on_device(G):
+        _cg_kernel[(B,)](G, rhs, u, iters, residual, m, d, G.stride(0), G.stride(1), rhs.stride(0),
+                         float(lam), float(tol) ** 2, int(max_iter),
+                         COMPUTE=tl_dtype(compute), PRECISION=dot_precision(compute), M_PAD=m_pad, BLOCK_D=64,
+                         num_warps=4 if m_pad <= 64 else 8)
     return u, iters, residual

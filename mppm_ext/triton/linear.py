@@ -1,11 +1,12 @@
-"""Triton fused-linear ops: log-probabilities and softmax moments of ``h W^T + b`` without ever
-holding the ``[N, V]`` logits.
+"""Triton fused-linear ops: log-probabilities, entropies and softmax moments of
+``(h W^T + b) / temperature`` without ever holding the ``[N, V]`` logits.
 
 Both kernels walk vocabulary tiles of W, form a logits tile with ``tl.dot`` (fp32 accumulation) and
-fold it into an online softmax per row, as flash attention does with its score tiles. The vocabulary
-is split across programs when there are too few row blocks to fill the GPU; each split writes its
-partial (running max, running sum, ...) and a second small kernel combines the splits of a row in a
-fixed order, so results are bitwise reproducible (no atomics).
+fold it into an online softmax per row (:mod:`._online`, with the entropy where asked for), as flash
+attention does with its score tiles. The vocabulary is split across programs when there are too few
+row blocks to fill the GPU; each split writes its partial (running max, running sums, ...) and a
+second small kernel combines the splits of a row in a fixed order, so results are bitwise
+reproducible (no atomics).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _online as online
+from . import on_device
 from ._dot import compute_dtype, dot_precision, tl_dtype
 
 # Programs to aim for when choosing the vocabulary split: two waves on an H100's 132 SMs. A constant
@@ -76,34 +79,41 @@ def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_n, row_ok, v0, V, D, h_s
 
 
 @triton.jit
-def _softmax_fold(z, m, s):
-    """Fold a logits tile ``z`` [R, C] (fp32, -inf where absent) into the running row max ``m`` [R]
-    (fp32) and sum ``s`` [R] (fp64). Returns (m, s, alpha, p): alpha = exp(m_old - m_new) rescales
-    whatever else was accumulated against m_old, p = exp(z - m_new)."""
+def _softmax_fold(z, m, s, u, inv_t, inv_t32, ENTROPY: tl.constexpr):
+    """Fold a logits tile ``z`` [R, C] (fp32, -inf where absent) into the rows' running state (m [R]
+    fp32, s and u [R] fp64) of :mod:`._online`; u only when ENTROPY (else it is returned as given).
+    Returns (m, s, u, alpha, p): alpha = exp((m_old - m_new) * inv_t) (fp32) rescales whatever else was
+    accumulated against m_old, p = exp((z - m_new) * inv_t)."""
     m_new = tl.maximum(m, tl.max(z, 1))
-    # Rows with nothing seen yet (m_new = -inf) would give exp(-inf - -inf) = NaN.
-    pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m - pivot)
-    p = tl.exp(z - pivot[:, None])
+    to = online.shift(m_new)
+    alpha, s_old, u_old = online.rescale(m, to, s, u, inv_t)
+    p, pd = online.terms(z, to[:, None], inv_t32)
     # The sums are fp64, within a tile too: a row whose other logits are 27 below its max adds
     # exp(-27) ~ 2e-12 to 1, which fp32 drops (log p would read exactly 0); per tile that is R*C fp64
     # adds against R*C*d multiply-adds of the tile's GEMM. Across ~400 tiles of V = 50257 fp64 also
     # keeps ~400 roundings out.
-    s = s * alpha.to(tl.float64) + tl.sum(p.to(tl.float64), 1)
-    return m_new, s, alpha, p
+    s = s_old + tl.sum(p.to(tl.float64), 1)
+    if ENTROPY:
+        u = u_old + tl.sum(pd.to(tl.float64), 1)
+    return m_new, s, u, alpha.to(tl.float32), p
 
 
 @triton.jit
-def _token_log_prob_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, m_ptr, s_ptr, picked_ptr,
-                           N, V, D, h_sn, w_sv, tiles_per_split,
+def _token_log_prob_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, m_ptr, s_ptr, u_ptr, picked_ptr,
+                           N, V, D, h_sn, w_sv, tiles_per_split, inv_temperature: tl.float64,
                            HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     split = tl.program_id(1)
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_n < N
+    # fp64 from the argument in both modes: the interpreter passes a Python float, which would
+    # otherwise enter the arithmetic as an fp32 constant.
+    inv_t = tl.full([], inv_temperature, tl.float64)
+    inv_t32 = inv_t.to(tl.float32)
     targets = tl.load(targets_ptr + offs_n, mask=row_ok, other=-1)
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float64)
+    u = tl.zeros([BLOCK_N], tl.float64)
     picked = tl.zeros([BLOCK_N], tl.float32)
     # int64 tile indices: v * d passes 2^31 for V = 262144, d = 8192.
     first = split.to(tl.int64) * tiles_per_split
@@ -115,37 +125,45 @@ def _token_log_prob_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, m_ptr,
         # The target's logit: one column of one tile matches, every other term adds an exact 0.
         hit = (v0 + tl.arange(0, BLOCK_V))[None, :] == targets[:, None]
         picked += tl.sum(tl.where(hit, z, 0.0), 1)
-        m, s, _, _ = _softmax_fold(z, m, s)
+        m, s, u, _, _ = _softmax_fold(z, m, s, u, inv_t, inv_t32, True)
     out = split.to(tl.int64) * N + offs_n
     tl.store(m_ptr + out, m, mask=row_ok)
     tl.store(s_ptr + out, s, mask=row_ok)
+    tl.store(u_ptr + out, u, mask=row_ok)
     tl.store(picked_ptr + out, picked, mask=row_ok)
 
 
 @triton.jit
-def _combine_lse(m_ptr, s_ptr, offs, row_ok, N, SPLITS: tl.constexpr):
-    """(max, log-sum-exp in fp64) of the SPLITS partials of each row, combined in split order."""
+def _top(m_ptr, offs, row_ok, N, SPLITS: tl.constexpr):
+    """The shift (:func:`._online.shift`) of the largest of the SPLITS partial maxima of each row."""
     top = tl.load(m_ptr + offs, mask=row_ok, other=0.0)
     for k in range(1, SPLITS):
         top = tl.maximum(top, tl.load(m_ptr + k * N + offs, mask=row_ok, other=0.0))
-    total = tl.zeros_like(top).to(tl.float64)
-    for k in range(SPLITS):
-        mk = tl.load(m_ptr + k * N + offs, mask=row_ok, other=0.0)
-        sk = tl.load(s_ptr + k * N + offs, mask=row_ok, other=1.0)
-        total += sk * tl.exp((mk - top).to(tl.float64))
-    return top, top.to(tl.float64) + tl.log(total)
+    return online.shift(top)
 
 
 @triton.jit
-def _token_log_prob_combine_kernel(m_ptr, s_ptr, picked_ptr, out_ptr, N,
+def _token_log_prob_combine_kernel(m_ptr, s_ptr, u_ptr, picked_ptr, out_ptr, N, inv_temperature: tl.float64,
                                    SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    # The splits' states, rescaled to the row's max and added in split order (deterministic).
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     row_ok = offs < N
-    _, lse = _combine_lse(m_ptr, s_ptr, offs, row_ok, N, SPLITS)
+    inv_t = tl.full([], inv_temperature, tl.float64)
+    top = _top(m_ptr, offs, row_ok, N, SPLITS)
+    s = tl.zeros([BLOCK], tl.float64)
+    u = tl.zeros([BLOCK], tl.float64)
     picked = tl.zeros([BLOCK], tl.float64)
     for k in range(SPLITS):
+        _, sk, uk = online.rescale(tl.load(m_ptr + k * N + offs, mask=row_ok, other=0.0), top,
+                                   tl.load(s_ptr + k * N + offs, mask=row_ok, other=1.0),
+                                   tl.load(u_ptr + k * N + offs, mask=row_ok, other=0.0), inv_t)
+        s += sk
+        u += uk
         picked += tl.load(picked_ptr + k * N + offs, mask=row_ok, other=0.0).to(tl.float64)
-    tl.store(out_ptr + offs, picked - lse, mask=row_ok)
+    lse, entropy = online.finish(top, s, u, inv_t)
+    tl.store(out_ptr + offs, picked * inv_t - lse, mask=row_ok)
+    tl.store(out_ptr + N + offs, lse, mask=row_ok)
+    tl.store(out_ptr + 2 * N + offs, entropy, mask=row_ok)
 
 
 def _operands(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
@@ -157,20 +175,25 @@ def _operands(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
     return hidden, weight, (bias if bias is None else bias.contiguous()), compute
 
 
-def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
-    """log softmax(hidden @ weight.T + bias)[n, targets[n]], never holding the ``[N, V]`` logits.
+def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                               inv_temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """log softmax(x)[n, targets[n]], logsumexp(x) and the entropy of softmax(x) for
+    x = (hidden @ weight.T + bias) * inv_temperature, never holding the ``[N, V]`` logits.
 
     Args:
         hidden: ``[N, d]`` float32, bfloat16 or float16.
         weight: ``[V, d]`` float32, bfloat16 or float16 (the unembedding; may differ from hidden's
             dtype, in which case the products are taken in float32).
-        bias: ``[V]`` or None.
+        bias: ``[V]`` or None; -inf entries are legal (those tokens have probability 0).
         targets: ``[N]`` int64 (or int32) ids in ``[0, V)`` (the range is the caller's to check: it
             would cost a device sync here).
+        inv_temperature: 1 / temperature, a positive finite float (used in float64).
 
     Returns:
-        ``[N]`` float64. Logits tiles accumulate in fp32 (bf16/fp16 operands on tensor cores; fp32
-        operands in true fp32, not TF32); the logsumexp is summed and finished in fp64.
+        ``(log_prob [N], logsumexp [N], entropy [N])``, float64. Logits tiles accumulate in fp32
+        (bf16/fp16 operands on tensor cores; fp32 operands in true fp32, not TF32); the softmax sums
+        are taken and finished in fp64. log_prob is -inf where the target's logit is -inf. A row whose
+        logits hold NaN or +inf gets NaN in all three; a row with no finite logit gets logsumexp -inf.
     """
     hidden, weight, bias, compute = _operands(hidden, weight, bias)
     N, D = hidden.shape
@@ -179,31 +202,36 @@ def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Te
     splits = cfg["splits"]
     m = torch.empty(splits, N, dtype=torch.float32, device=hidden.device)
     s = torch.empty(splits, N, dtype=torch.float64, device=hidden.device)
+    u = torch.empty_like(s)
     picked = torch.empty(splits, N, dtype=torch.float32, device=hidden.device)
-    _token_log_prob_kernel[(cfg["row_blocks"], splits)](
-        hidden, weight, hidden if bias is None else bias, targets.contiguous(), m, s, picked,
-        N, V, D, hidden.stride(0), weight.stride(0), cfg["tiles_per_split"],
-        HAS_BIAS=bias is not None, COMPUTE=tl_dtype(compute), PRECISION=dot_precision(compute),
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    out = torch.empty(N, dtype=torch.float64, device=hidden.device)
+    out = torch.empty(3, N, dtype=torch.float64, device=hidden.device)
     block = 256
-    _token_log_prob_combine_kernel[(triton.cdiv(N, block),)](m, s, picked, out, N, SPLITS=splits, BLOCK=block,
-                                                             num_warps=4)
-    return out
+    with on_device(hidden):
+        _token_log_prob_kernel[(cfg["row_blocks"], splits)](
+            hidden, weight, hidden if bias is None else bias, targets.contiguous(), m, s, u, picked,
+            N, V, D, hidden.stride(0), weight.stride(0), cfg["tiles_per_split"], float(inv_temperature),
+            HAS_BIAS=bias is not None, COMPUTE=tl_dtype(compute), PRECISION=dot_precision(compute),
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        _token_log_prob_combine_kernel[(triton.cdiv(N, block),)](m, s, u, picked, out, N, float(inv_temperature),
+                                                                 SPLITS=splits, BLOCK=block, num_warps=4)
+    return out[0], out[1], out[2]
 
 
 @triton.jit
 def _softmax_moments_kernel(hidden_ptr, weight_ptr, bias_ptr, m_ptr, s_ptr, acc_ptr,
-                            B, V, D, h_sb, w_sv, tiles_per_split,
+                            B, V, D, h_sb, w_sv, tiles_per_split, inv_temperature: tl.float64,
                             HAS_BIAS: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     split = tl.program_id(1)
     offs_b = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_b < B
+    inv_t = tl.full([], inv_temperature, tl.float64)
+    inv_t32 = inv_t.to(tl.float32)
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float64)
+    no_u = tl.zeros([BLOCK_N], tl.float64)  # the moments need no entropy
     # This split's running sum of p @ W, [BLOCK_N, d], lives in a zeroed fp32 buffer of its own: d is
     # too wide for registers (d = 2048: 128 KiB per 16 rows), and the buffer stays in L2 while W
     # streams from HBM once. (For d <= 1024 a register-resident accumulator would save that traffic.)
@@ -216,7 +244,7 @@ def _softmax_moments_kernel(hidden_ptr, weight_ptr, bias_ptr, m_ptr, s_ptr, acc_
         v0 = tile * BLOCK_V
         z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, offs_b, row_ok, v0, V, D, h_sb, w_sv,
                          HAS_BIAS, COMPUTE, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
-        m, s, alpha, p = _softmax_fold(z, m, s)
+        m, s, _, alpha, p = _softmax_fold(z, m, s, no_u, inv_t, inv_t32, False)
         offs_v = v0 + tl.arange(0, BLOCK_V)
         for k0 in range(0, D, BLOCK_D):
             offs_d = k0 + lane_d
@@ -235,37 +263,49 @@ def _softmax_moments_kernel(hidden_ptr, weight_ptr, bias_ptr, m_ptr, s_ptr, acc_
 
 
 @triton.jit
-def _softmax_moments_combine_kernel(m_ptr, s_ptr, acc_ptr, lse_ptr, wbar_ptr, B, D,
+def _softmax_moments_combine_kernel(m_ptr, s_ptr, acc_ptr, lse_ptr, wbar_ptr, B, D, inv_temperature: tl.float64,
                                     SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program per row b: the splits' partial sums of p @ W, rescaled to the common max, in split order.
     b = tl.program_id(0).to(tl.int64)
     one = tl.arange(0, 1)
     row_ok = one < 1
-    top, lse = _combine_lse(m_ptr, s_ptr, b + one, row_ok, B, SPLITS)
+    inv_t = tl.full([], inv_temperature, tl.float64)
+    zero = tl.zeros([1], tl.float64)
+    top = _top(m_ptr, b + one, row_ok, B, SPLITS)
+    total = tl.zeros([1], tl.float64)
+    for k in range(SPLITS):
+        _, sk, _ = online.rescale(tl.load(m_ptr + k * B + b + one), top, tl.load(s_ptr + k * B + b + one), zero,
+                                  inv_t)
+        total += sk
+    lse, _ = online.finish(top, total, zero, inv_t)
     tl.store(lse_ptr + b + one, lse)
     lane_d = tl.arange(0, BLOCK_D)
     for k0 in range(0, D, BLOCK_D):
         offs_d = k0 + lane_d
         d_ok = offs_d < D
-        total = tl.zeros([BLOCK_D], tl.float64)
+        wbar = tl.zeros([BLOCK_D], tl.float64)
         for k in range(SPLITS):
-            scale = tl.exp((tl.load(m_ptr + k * B + b + one) - top).to(tl.float64) - lse + top.to(tl.float64))
+            a, _, _ = online.rescale(tl.load(m_ptr + k * B + b + one), top, zero, zero, inv_t)
             part = tl.load(acc_ptr + (k * B + b) * D + offs_d, mask=d_ok, other=0.0)
-            total += part.to(tl.float64) * scale
-        tl.store(wbar_ptr + b * D + offs_d, total.to(tl.float32), mask=d_ok)
+            wbar += part.to(tl.float64) * (a / total)
+        tl.store(wbar_ptr + b * D + offs_d, wbar.to(tl.float32), mask=d_ok)
 
 
-def softmax_moments(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def softmax_moments(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                    inv_temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """logsumexp and softmax-weighted mean row of W, in one streaming pass over W.
 
     Args:
         hidden: ``[B, d]`` float32, bfloat16 or float16.
         weight: ``[V, d]`` float32, bfloat16 or float16.
-        bias: ``[V]`` or None.
+        bias: ``[V]`` or None; -inf entries are legal (probability 0).
+        inv_temperature: 1 / temperature, a positive finite float (used in float64).
 
     Returns:
-        ``(lse [B] float64, wbar [B, d] float32)`` with z = hidden @ weight.T + bias,
-        lse = logsumexp(z) and wbar = softmax(z) @ weight (the gradient of lse with respect to h).
+        ``(lse [B] float64, wbar [B, d] float32)`` with x = (hidden @ weight.T + bias) * inv_temperature,
+        lse = logsumexp(x) and wbar = softmax(x) @ weight (the gradient of lse with respect to h is
+        inv_temperature * wbar). A row whose logits hold NaN or +inf gets a NaN lse; a row with no
+        finite logit gets lse = -inf (and a NaN wbar).
     """
     hidden, weight, bias, compute = _operands(hidden, weight, bias)
     B, D = hidden.shape
@@ -278,14 +318,16 @@ def softmax_moments(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> t
     m = torch.empty(splits, B, dtype=torch.float32, device=hidden.device)
     s = torch.empty(splits, B, dtype=torch.float64, device=hidden.device)
     acc = torch.zeros(splits, B, D, dtype=torch.float32, device=hidden.device)
-    _softmax_moments_kernel[(cfg["row_blocks"], splits)](
-        hidden, weight, hidden if bias is None else bias, m, s, acc,
-        B, V, D, hidden.stride(0), weight.stride(0), cfg["tiles_per_split"],
-        HAS_BIAS=bias is not None, COMPUTE=tl_dtype(compute), PRECISION=dot_precision(compute),
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
     lse = torch.empty(B, dtype=torch.float64, device=hidden.device)
     wbar = torch.empty(B, D, dtype=torch.float32, device=hidden.device)
-    _softmax_moments_combine_kernel[(B,)](m, s, acc, lse, wbar, B, D, SPLITS=splits, BLOCK_D=256, num_warps=4)
+    with on_device(hidden):
+        _softmax_moments_kernel[(cfg["row_blocks"], splits)](
+            hidden, weight, hidden if bias is None else bias, m, s, acc,
+            B, V, D, hidden.stride(0), weight.stride(0), cfg["tiles_per_split"], float(inv_temperature),
+            HAS_BIAS=bias is not None, COMPUTE=tl_dtype(compute), PRECISION=dot_precision(compute),
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        _softmax_moments_combine_kernel[(B,)](m, s, acc, lse, wbar, B, D, float(inv_temperature), SPLITS=splits,
+                                              BLOCK_D=256, num_warps=4)
     return lse, wbar

@@ -2,15 +2,22 @@
 // host code in bindings.cpp fills after validating every view, and the layout of the outputs.
 //
 // docs/definitions.md defines every quantity; in brief, for position t of sequence b, with h_t the
-// hidden state, z_t the logits and x_t the token id at t:
-//   real[t]         token t takes part: it is not masked out and not ignore_index
-//   log_prob[t]     log softmax(z_t)[x_{t+1}], how likely state t found the next token; defined when
-//                   real[t] and real[t+1] (so t <= T-2). surprisal s_t = -log_prob[t].
-//   kinetic[t]      K_t = 0.5 * ||h_t - h_{t-1}||^2, the step into state t; defined when real[t] and
-//                   real[t-1] (so t >= 1)
-//   valid[t]        both are defined; the energy-type quantities exist only there:
+// hidden state, z_t the logits, x_t = z_t * inv_temperature, tokens[t] the token id and labels[t] the
+// target id at t (Python passes the tokens when the user gives no labels):
+//   state_real[t]   state t takes part: mask[t] != 0 and tokens[t] != ignore_index
+//   scored[t]       token t is scored as a target: mask[t] != 0 and labels[t] != ignore_index
+//   log_prob[t]     log softmax(x_t)[labels[t+1]], how likely state t found the next token; defined when
+//                   state_real[t] and scored[t+1] (so t <= T-2). surprisal s_t = -log_prob[t]; a target
+//                   whose logit is -inf has log_prob -inf.
+//   kinetic[t]      K_t = 0.5 * ||h_t - h_{t-1}||^2, the step into state t; defined when state_real[t]
+//                   and state_real[t-1] (so t >= 1)
+//   entropy[t],     -sum p log p and logsumexp of softmax(x_t); defined at every real state
+//   logsumexp[t]    (T-1 included). Entries of probability 0 (logit -inf) add 0 to both.
+//   valid[t]        log_prob and kinetic are defined; the energy-type quantities exist only there:
 //                   energy K_t * exp(s_t), log_energy log K_t + s_t, additive_energy K_t + log_prob[t],
 //                   log_lagrangian log K_t - s_t.
+// The logits row t is read when state_real[t]. -inf logits are legal; NaN or +inf in a read row, or a
+// read row without a finite entry, is a fault.
 // The statistics of a sequence are over its valid positions with K_t > 0 (a zero step has
 // log K = -inf and is only counted): mean, population std and cv = std / |mean| of every quantity and
 // of exp(s_t), and Pearson corr(log K, s), NaN when either is constant to rounding (a spread below
@@ -37,6 +44,8 @@ enum TokenQuantity : int {
   kLogEnergy,
   kAdditiveEnergy,
   kLogLagrangian,
+  kEntropy,
+  kLogsumexp,
   kNumTokenQuantities
 };
 
@@ -47,6 +56,7 @@ constexpr int kNumStatQuantities = kNumTokenQuantities + 1;
 // Bits of out_defined[b, t].
 constexpr uint8_t kDefinedLogProb = 1;
 constexpr uint8_t kDefinedKinetic = 2;
+constexpr uint8_t kDefinedState = 4;  // the state is real: entropy and logsumexp are defined
 
 // Columns of out_stats[b, :]: mean[q], std[q], cv[q] for every stat quantity q, then corr(log K, s).
 constexpr int kStatMean = 0;
@@ -77,10 +87,15 @@ struct EnergyParams {
   DType tokens_dtype = DType::Int64;
   int64_t tokens_sb = 0, tokens_st = 0;
 
+  const void* labels = nullptr;  // int32 or int64: the targets (the tokens when the user gave none)
+  DType labels_dtype = DType::Int64;
+  int64_t labels_sb = 0, labels_st = 0;
+
   const uint8_t* mask = nullptr;  // optional; nonzero = real token
   int64_t mask_sb = 0, mask_st = 0;
 
   int64_t ignore_index = -100;
+  double inv_temperature = 1.0;  // 1 / temperature, > 0 and finite (checked by bindings.cpp)
 
   // Outputs, contiguous: [kNumTokenQuantities, B, T] fp32, [B, T] uint8 (kDefined* bits),
   // [B, kNumStatColumns] fp32, [B, kNumCountColumns] int64. The row pass writes out_defined and the
@@ -90,8 +105,9 @@ struct EnergyParams {
   float* out_stats = nullptr;
   int64_t* out_counts = nullptr;
 
-  // Scratch, contiguous [kNumParts = 2, B, T] float64: the parts (log_prob, kinetic) at full precision
-  // for the finish (means of exp(log K + s) amplify float32 rounding of s beyond the tolerance).
+  // Scratch, contiguous [kNumParts = 4, B, T] float64: the parts (log_prob, kinetic, entropy,
+  // logsumexp; finish.h) at full precision for the finish (means of exp(log K + s) amplify float32
+  // rounding of s beyond the tolerance).
   double* scratch = nullptr;
 
   Launch launch;
@@ -99,12 +115,23 @@ struct EnergyParams {
 
 // What a kernel found wrong in the data itself (the shapes were checked before it ran).
 // The first offending position in (b, t) order is reported, so the message is deterministic.
-enum class EnergyFault : int { None = 0, TokenOutOfRange, NonFiniteLogits, NonFiniteHidden };
+// A position's own faults: TokenOutOfRange (a real state's token outside [0, V)), LabelOutOfRange (the
+// label at t, a target of the real state t-1, outside [0, V)), NonFiniteLogits (NaN or +inf in the row
+// of a real state), NoFiniteLogit (that row is all -inf), NonFiniteHidden (the step into t).
+enum class EnergyFault : int {
+  None = 0,
+  TokenOutOfRange,
+  LabelOutOfRange,
+  NonFiniteLogits,
+  NoFiniteLogit,
+  NonFiniteHidden,
+  kNumKinds
+};
 
 struct EnergyStatus {
   EnergyFault fault = EnergyFault::None;
   int64_t b = -1, t = -1;
-  int64_t token = 0;  // the token id at (b, t): the offending id for TokenOutOfRange
+  int64_t id = 0;  // the offending id: tokens[b, t] for TokenOutOfRange, labels[b, t] for LabelOutOfRange
 };
 
 EnergyStatus energy_cpu(const EnergyParams& p);

@@ -1,6 +1,6 @@
 // Per-position and per-sequence arithmetic of the `energy` op's row pass and of its finish
 // (finish.h), written once for the CPU and CUDA kernels so that both produce the same numbers from
-// the same log-prob and kinetic values.
+// the same parts (log_prob, kinetic, entropy, logsumexp).
 // Everything here works in double: it touches O(N) values, so its cost is nothing next to reading
 // the O(N*V) logits, and double keeps exp(log K + s) from overflowing for any realistic input.
 #pragma once
@@ -11,12 +11,7 @@
 
 #include "mppm/energy.h"
 #include "mppm/finish.h"
-
-#if defined(__CUDACC__)
-#define MPPM_HD __host__ __device__ __forceinline__
-#else
-#define MPPM_HD inline
-#endif
+#include "mppm/online_softmax.h"
 
 namespace mppm {
 
@@ -25,37 +20,58 @@ MPPM_HD T quiet_nan() {
   return std::numeric_limits<T>::quiet_NaN();
 }
 
-// Token t takes part in the analysis unless it is masked out or equal to ignore_index.
-MPPM_HD bool token_is_real(int64_t token, const uint8_t* mask_entry, int64_t ignore_index) {
-  return token != ignore_index && (mask_entry == nullptr || *mask_entry != 0);
+// State t takes part (tokens) and token t is scored as a target (labels) by the same rule: the mask
+// is nonzero there and the id is not ignore_index.
+MPPM_HD bool id_takes_part(int64_t id, const uint8_t* mask_entry, int64_t ignore_index) {
+  return id != ignore_index && (mask_entry == nullptr || *mask_entry != 0);
 }
 
-MPPM_HD uint8_t defined_bits(bool has_lp, bool has_k) {
-  return uint8_t((has_lp ? kDefinedLogProb : 0) | (has_k ? kDefinedKinetic : 0));
+MPPM_HD bool in_vocab(int64_t id, int64_t V) { return id >= 0 && id < V; }
+
+// What is known of one position: its kDefined* bits and its parts, at full precision (0 where
+// undefined in what the row pass writes; anything, NaN included, in what a finish may be given).
+struct PositionParts {
+  uint8_t defined = 0;
+  double lp = 0.0, k = 0.0, entropy = 0.0, lse = 0.0;
+
+  MPPM_HD bool has_lp() const { return (defined & kDefinedLogProb) != 0; }
+  MPPM_HD bool has_k() const { return (defined & kDefinedKinetic) != 0; }
+  MPPM_HD bool has_state() const { return (defined & kDefinedState) != 0; }
+  // log_prob and kinetic are both defined: the position is valid (the state bit follows from either).
+  MPPM_HD bool valid() const { return has_lp() && has_k(); }
+};
+
+MPPM_HD uint8_t defined_bits(bool has_lp, bool has_k, bool has_state) {
+  return uint8_t((has_lp ? kDefinedLogProb : 0) | (has_k ? kDefinedKinetic : 0) | (has_state ? kDefinedState : 0));
 }
 
-// Both bits set: the position is valid. Other bits are ignored.
-MPPM_HD bool is_valid(uint8_t defined) {
-  constexpr uint8_t kBoth = kDefinedLogProb | kDefinedKinetic;
-  return (defined & kBoth) == kBoth;
-}
-
-// What the row pass of the energy op keeps of one position: its kDefined* bits and the full-precision
-// log_prob and kinetic (0 where undefined), the parts that the finish reads back.
-MPPM_HD void record_parts(const EnergyParams& p, int64_t idx, bool has_lp, double lp, bool has_k, double k) {
+// What the row pass of the energy op keeps of one position, for the finish to read back.
+MPPM_HD void record_parts(const EnergyParams& p, int64_t idx, const PositionParts& q) {
   const int64_t plane = p.B * p.T;
-  p.out_defined[idx] = defined_bits(has_lp, has_k);
-  p.scratch[kPartLogProb * plane + idx] = lp;
-  p.scratch[kPartKinetic * plane + idx] = k;
+  p.out_defined[idx] = q.defined;
+  p.scratch[kPartLogProb * plane + idx] = q.lp;
+  p.scratch[kPartKinetic * plane + idx] = q.k;
+  p.scratch[kPartEntropy * plane + idx] = q.entropy;
+  p.scratch[kPartLogsumexp * plane + idx] = q.lse;
 }
 
-// Writes the eight per-token planes for position `idx` (= b*T + t) of a [q, B, T] block from its
-// kDefined* bits and parts. Undefined entries get 0 (see energy.h) whatever their parts hold.
-MPPM_HD void write_token_quantities(float* out_tokens, int64_t plane, int64_t idx, uint8_t defined, double lp,
-                                    double k) {
-  const bool has_lp = (defined & kDefinedLogProb) != 0;
-  const bool has_k = (defined & kDefinedKinetic) != 0;
-  const bool valid = has_lp && has_k;
+// The parts of position `idx` from a finish's inputs.
+MPPM_HD PositionParts load_parts(const FinishParams& p, int64_t idx) {
+  const int64_t plane = p.B * p.T;
+  PositionParts q;
+  q.defined = p.defined[idx];
+  q.lp = p.parts[kPartLogProb * plane + idx];
+  q.k = p.parts[kPartKinetic * plane + idx];
+  q.entropy = p.parts[kPartEntropy * plane + idx];
+  q.lse = p.parts[kPartLogsumexp * plane + idx];
+  return q;
+}
+
+// Writes the ten per-token planes for position `idx` (= b*T + t) of a [q, B, T] block from its parts.
+// Undefined entries get 0 (see energy.h) whatever their parts hold.
+MPPM_HD void write_token_quantities(float* out_tokens, int64_t plane, int64_t idx, const PositionParts& q) {
+  const bool has_lp = q.has_lp(), has_k = q.has_k(), valid = q.valid(), has_state = q.has_state();
+  const double lp = q.lp, k = q.k;
   const double log_k = has_k ? log(k) : 0.0;  // k == 0 gives -inf, reported through the counts
   out_tokens[kLogProb * plane + idx] = has_lp ? float(lp) : 0.0f;
   out_tokens[kSurprisal * plane + idx] = has_lp ? float(-lp) : 0.0f;
@@ -65,20 +81,25 @@ MPPM_HD void write_token_quantities(float* out_tokens, int64_t plane, int64_t id
   out_tokens[kLogEnergy * plane + idx] = valid ? float(log_k - lp) : 0.0f;
   out_tokens[kAdditiveEnergy * plane + idx] = valid ? float(k + lp) : 0.0f;
   out_tokens[kLogLagrangian * plane + idx] = valid ? float(log_k + lp) : 0.0f;
+  out_tokens[kEntropy * plane + idx] = has_state ? float(q.entropy) : 0.0f;
+  out_tokens[kLogsumexp * plane + idx] = has_state ? float(q.lse) : 0.0f;
 }
 
-// The statistics' value of every stat quantity at one position, from its log_prob and kinetic.
-MPPM_HD void stat_values(double lp, double k, double* v) {
-  const double log_k = log(k);
-  const double s = -lp;
-  v[kLogProb] = lp;
+// The statistics' value of every stat quantity at one (valid) position.
+MPPM_HD void stat_values(const PositionParts& q, double* v) {
+  const double log_k = log(q.k);
+  const double s = -q.lp;
+  v[kLogProb] = q.lp;
   v[kSurprisal] = s;
-  v[kKinetic] = k;
+  v[kKinetic] = q.k;
   v[kLogKinetic] = log_k;
   v[kEnergy] = exp(log_k + s);
   v[kLogEnergy] = log_k + s;
-  v[kAdditiveEnergy] = k + lp;
+  v[kAdditiveEnergy] = q.k + q.lp;
   v[kLogLagrangian] = log_k - s;
+  // Parts whose bit is clear are never read: a backend without them gets NaN statistics of them.
+  v[kEntropy] = q.has_state() ? q.entropy : quiet_nan<double>();
+  v[kLogsumexp] = q.has_state() ? q.lse : quiet_nan<double>();
   v[kPpl] = exp(s);
 }
 
@@ -95,22 +116,22 @@ struct StatSums {
 
 // First pass: counts and sums. Positions with kinetic == 0 are valid but have log K = -inf; they are
 // counted apart and left out of every statistic so that one zero step cannot turn them all to NaN.
-MPPM_HD void add_first_pass(StatSums& a, double lp, double k) {
-  if (!(k > 0.0)) {
+MPPM_HD void add_first_pass(StatSums& a, const PositionParts& q) {
+  if (!(q.k > 0.0)) {
     ++a.zero_kinetic;
     return;
   }
   double v[kNumStatQuantities];
-  stat_values(lp, k, v);
+  stat_values(q, v);
   ++a.used;
   for (int q = 0; q < kNumStatQuantities; ++q) a.sum[q] += v[q];
 }
 
 // Second pass: squared deviations from the means of the first pass.
-MPPM_HD void add_second_pass(StatSums& a, const double* mean, double lp, double k) {
-  if (!(k > 0.0)) return;
+MPPM_HD void add_second_pass(StatSums& a, const double* mean, const PositionParts& q) {
+  if (!(q.k > 0.0)) return;
   double v[kNumStatQuantities];
-  stat_values(lp, k, v);
+  stat_values(q, v);
   for (int q = 0; q < kNumStatQuantities; ++q) a.centred_sq[q] += (v[q] - mean[q]) * (v[q] - mean[q]);
   a.centred_cross += (v[kLogKinetic] - mean[kLogKinetic]) * (v[kSurprisal] - mean[kSurprisal]);
 }

@@ -1,5 +1,5 @@
-// The `energy_finish` contract: from the per-position parts (log_prob and kinetic, and which of them
-// are defined) to everything the energy op reports, i.e. the eight per-token planes and the
+// The `energy_finish` contract: from the per-position parts (log_prob, kinetic, entropy and logsumexp,
+// and which of them are defined) to everything the energy op reports, i.e. the ten per-token planes and the
 // per-sequence statistics. It is the one finish of every backend: the compiled energy op runs its row
 // pass and then this, and backends that compute the parts elsewhere (Triton, energy_from_hidden,
 // scans) call it through _C.energy_finish, so all of them report the same numbers from the same parts.
@@ -15,13 +15,15 @@ namespace mppm {
 // Planes of parts[k, b, t]. Planes from kNumParts on (features added later) are never read.
 constexpr int kPartLogProb = 0;
 constexpr int kPartKinetic = 1;
-constexpr int kNumParts = 2;
+constexpr int kPartEntropy = 2;    // with kPartLogsumexp, defined where kDefinedState is set
+constexpr int kPartLogsumexp = 3;
+constexpr int kNumParts = 4;
 
 struct FinishParams {
   int64_t B = 0, T = 0;
 
   // Inputs, contiguous: parts [P >= kNumParts, B, T] float64 (plane k at parts + k*B*T) and defined
-  // [B, T] uint8 (kDefined* bits). A part whose bit is clear is ignored, so it may hold anything (NaN
+  // [B, T] uint8 (kDefined* bits: log_prob, kinetic, state real for entropy and logsumexp). A part whose bit is clear is ignored, so it may hold anything (NaN
   // included).
   const double* parts = nullptr;
   const uint8_t* defined = nullptr;

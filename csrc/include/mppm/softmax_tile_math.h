@@ -5,32 +5,34 @@
 #include <cmath>
 #include <cstdint>
 
+#include "mppm/online_softmax.h"
 #include "mppm/softmax_tile.h"
-
-#ifndef MPPM_HD
-#if defined(__CUDACC__)
-#define MPPM_HD __host__ __device__ __forceinline__
-#else
-#define MPPM_HD inline
-#endif
-#endif
 
 namespace mppm {
 
-// Folds a tile whose logsumexp is `tile_lse` into (run_max, run_sum). The reference point becomes the
-// larger of the two, so neither exp overflows; run_max = -inf (nothing seen) contributes exactly 0.
-MPPM_HD void fold_logsumexp(double& run_max, double& run_sum, double tile_lse) {
-  const double ref = tile_lse > run_max ? tile_lse : run_max;
-  run_sum = run_sum * exp(run_max - ref) + exp(tile_lse - ref);
-  run_max = ref;
+// The running state of row r.
+MPPM_HD SoftmaxState run_state(const SoftmaxTileParams& p, int64_t r) {
+  SoftmaxState a;
+  a.m = p.run_max[r];
+  a.s = p.run_sum[r];
+  a.u = p.run_ent == nullptr ? 0.0 : p.run_ent[r];
+  return a;
 }
 
-// The new running max after a tile whose max is `tile_max`, and the factor exp(old - new) that
-// rescales everything accumulated against the old max (0 on the first tile, where old = -inf).
-MPPM_HD double raise_max(double& run_max, double tile_max, double& alpha) {
-  const double new_max = tile_max > run_max ? tile_max : run_max;
-  alpha = exp(run_max - new_max);
-  run_max = new_max;
+MPPM_HD void store_run_state(const SoftmaxTileParams& p, int64_t r, const SoftmaxState& a) {
+  p.run_max[r] = a.m;
+  p.run_sum[r] = a.s;
+  if (p.run_ent != nullptr) p.run_ent[r] = a.u;
+}
+
+// The moments pass: moves row r's state to the reference max(run_max, tile_max) (tile_max > -inf) and
+// returns it; alpha = exp(old - new) rescales what was accumulated against the old max (0 on the
+// first tile, where old = -inf). The tile's own sums are then added against the new reference.
+MPPM_HD double raise_max(SoftmaxState& a, double tile_max, double& alpha) {
+  const double new_max = tile_max > a.m ? tile_max : a.m;
+  alpha = exp(a.m - new_max);
+  rescale_to(a.s, a.u, a.m, new_max);
+  a.m = new_max;
   return new_max;
 }
 
