@@ -41,6 +41,8 @@ RTOL = 2.5e-7
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPS = ("energy", "energy_from_hidden", "steer_step")
+#: Disagreeing outputs printed per row (a wrong kernel usually breaks every output derived from it).
+SHOWN = 4
 
 
 @dataclass(frozen=True)
@@ -324,8 +326,10 @@ def execute(args: argparse.Namespace) -> int:
     print(table(rows))
     failed = [r for r in rows if r.failures]
     for r in failed:
-        for why in r.failures:
+        for why in r.failures[:SHOWN]:
             print(f"DISAGREES: {r.backend} {r.op} {r.dtype}: {why}")
+        if len(r.failures) > SHOWN:
+            print(f"DISAGREES: {r.backend} {r.op} {r.dtype}: ... and {len(r.failures) - SHOWN} more outputs (--json lists all)")
     print(f"{len(rows)} checks, {len(failed)} disagree, {time.perf_counter() - t0:.1f} s")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
