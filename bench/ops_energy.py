@@ -45,11 +45,11 @@ def backends(device: str, all_isas: bool) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _inputs(n: int, d: int, vocab: int, dtype: torch.dtype, device: str):
+def token_stream(n: int, d: int, vocab: int, dtype: torch.dtype, device: str, seed: int = 0):
     """One stream of ``n`` tokens: hidden ``[n, d]``, logits ``[n, vocab]`` (std 3, like a trained model's)
     and ids ``[n]``, seeded. On CUDA they are drawn on the device: at N = 32768, V = 128256 the logits are
     4.2 G values, about a minute of the CPU's generator plus a 17 GB copy."""
-    g = torch.Generator(device=device).manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn(n, d, generator=g, device=device).to(dtype)
     logits = (3 * torch.randn(n, vocab, generator=g, device=device)).to(dtype)
     tokens = torch.randint(0, vocab, (n,), generator=g, device=device)
@@ -61,7 +61,7 @@ def cases(args):
     for dtype_name in args.dtypes:
         for vocab in args.vocab:
             dtype = args.dtype_map[dtype_name]
-            flat_hidden, flat_logits, flat_tokens = _inputs(args.n, args.hidden, vocab, dtype, device)
+            flat_hidden, flat_logits, flat_tokens = token_stream(args.n, args.hidden, vocab, dtype, device)
             logits_bytes = flat_logits.numel() * flat_logits.element_size()
             needed = logits_bytes + flat_hidden.numel() * flat_hidden.element_size() + flat_tokens.numel() * 8
             # Into a buffer that exists already: a fresh one would time page faults, not bandwidth.
