@@ -71,14 +71,16 @@ def main(argv=None) -> int:
         return 0
     report = Report(device=args.device)
     default_isa = mppm_ext.build_info()["cpu_isa"]
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stem = f"{'+'.join(args.ops)}-{args.device}-{stamp}"
     for op in args.ops:
         for case in OPS[op].cases(args):
             print(f"[{case.name}]", flush=True)
             report.rows.extend(run_case(case, args.device, args.warmup, args.repeats, args.skip))
+            # Rewritten after every case: a run stopped by a time limit keeps the cases it finished.
+            json_path, csv_path = report.write(args.out, stem)
     if args.device == "cpu":
         mppm_ext.set_cpu_isa(default_isa)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    json_path, csv_path = report.write(args.out, f"{'+'.join(args.ops)}-{args.device}-{stamp}")
     env = report.environment()
     print(f"\n{env['device']} | torch {env['torch']} | mppm_ext {env['mppm_ext']} @ {env['git_sha'][:12]}")
     print(f"results: {json_path} and {csv_path.name}\n")
