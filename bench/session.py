@@ -201,8 +201,8 @@ def _table(stages, selftest, bench_rows, graphs, prof) -> str:
         worst = max((r for r in rows if r["worst"]), key=lambda r: r["worst"]["ratio"], default=None)
         text = f"selftest: {len(rows)} checks, {len(bad)} disagree"
         if worst:
-            text += (f"; closest to its bound: {worst['backend']} {worst['op']} {worst['dtype']} "
-                     f"{worst['worst']['name']} at {worst['worst']['ratio']:.2f} of the allowed error")
+            text += (f"; largest error / allowed: {worst['backend']} {worst['op']} {worst['dtype']} "
+                     f"{worst['worst']['name']} {worst['worst']['ratio']:.2f}")
         lines += ["", text] + [f"  DISAGREES: {r['backend']} {r['op']} {r['dtype']}: {r['failures'][0][:120]}" for r in bad]
     if bench_rows:
         lines += ["", f"{'bench case':<48} {'provider':<30} {'ms':>9} {'rate':>14} {'of ceiling':>10}"]
