@@ -3,7 +3,7 @@ and a measured ceiling (a copy for memory-bound ops, a bare GEMM for compute-bou
 
     python bench/run.py                            # CPU: every op at its default size
     python bench/run.py --ops energy --all-isas    # the CPU energy kernel on every instruction set
-    python bench/run.py --device cuda --n 32768 --vocab 50257 128256 --dtypes bf16
+    python bench/run.py --device cuda --n 32768 --batch 1 8 --vocab 50257 128256 --dtypes bf16
 
 Prints a table last and writes JSON + CSV (device, versions, git SHA) to bench/results/.
 """
@@ -36,7 +36,9 @@ def parse(argv):
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"],
                         help="dtype of logits, hidden states and weights")
     parser.add_argument("--vocab", type=int, nargs="+", default=[50257], help="energy and energy_from_hidden")
-    parser.add_argument("--n", type=int, default=4096, help="energy: tokens (one sequence)")
+    parser.add_argument("--n", type=int, default=4096, help="energy: tokens")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1],
+                        help="energy: split the --n tokens into this many sequences of n / batch (one case each)")
     parser.add_argument("--hidden", type=int, default=768, help="energy: hidden size d")
     parser.add_argument("--linear-n", type=int, default=512, help="energy_from_hidden: tokens")
     parser.add_argument("--linear-hidden", type=int, default=768, help="energy_from_hidden: hidden size d")
@@ -51,8 +53,12 @@ def parse(argv):
     parser.add_argument("--all-isas", action="store_true", help="time every CPU instruction set, not just the best")
     parser.add_argument("--skip", nargs="*", default=[], help="leave out providers whose name contains any of these")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--parse-only", action="store_true",
+                        help="check the options, print them and exit (no device needed; bench/gpu_session.sh --dry-run)")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if any(b < 1 or args.n % b for b in args.batch):
+        parser.error(f"--batch values must divide --n {args.n}, got {args.batch}")
+    if args.device == "cuda" and not torch.cuda.is_available() and not args.parse_only:
         parser.error("--device cuda needs a CUDA device")
     args.dtype_map = DTYPES
     return args
@@ -60,16 +66,21 @@ def parse(argv):
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.parse_only:
+        print("options:", {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "dtype_map"})
+        return 0
     report = Report(device=args.device)
     default_isa = mppm_ext.build_info()["cpu_isa"]
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stem = f"{'+'.join(args.ops)}-{args.device}-{stamp}"
     for op in args.ops:
         for case in OPS[op].cases(args):
             print(f"[{case.name}]", flush=True)
             report.rows.extend(run_case(case, args.device, args.warmup, args.repeats, args.skip))
+            # Rewritten after every case: a run stopped by a time limit keeps the cases it finished.
+            json_path, csv_path = report.write(args.out, stem)
     if args.device == "cpu":
         mppm_ext.set_cpu_isa(default_isa)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    json_path, csv_path = report.write(args.out, f"{'+'.join(args.ops)}-{args.device}-{stamp}")
     env = report.environment()
     print(f"\n{env['device']} | torch {env['torch']} | mppm_ext {env['mppm_ext']} @ {env['git_sha'][:12]}")
     print(f"results: {json_path} and {csv_path.name}\n")

@@ -8,7 +8,11 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
+from . import selftest
 
+
+#: Commands of the core install (torch alone), each module's ``register(subparsers)``.
+CORE = {"selftest": selftest.register}
 #: Feature packages with subcommands: (package, its commands, the extra that brings its dependencies).
 FEATURES = (
     ("models", ("setup",), "models"),
@@ -47,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_VersionAction,
                         help="print the package version and its build (compiler, CPU instruction sets, CUDA) and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in CORE.values():
+        register(sub)
     for package, commands, _ in FEATURES:
         # Imported only here, so that the heavy optional dependencies load when the command line is built;
         # a package whose dependencies are missing still lists its commands, which then say what to install.

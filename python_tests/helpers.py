@@ -6,7 +6,9 @@ Rule (README, "Reliability"): an output passes when, elementwise,
 
 where truth is the reference in float64 on the same input values and ref is the reference run in the
 kernels' accumulation dtype (float32) on the same inputs. ATOL/RTOL are a few float32 ulps: they
-cover positions where the float32 reference happens to be exact, not systematic error.
+cover positions where the float32 reference happens to be exact, not systematic error. The rule and its
+constants live in the package (mppm_ext/selftest.py, which `mppm selftest` runs on users' machines), so
+that the tests and the self-test apply the same one.
 """
 
 from __future__ import annotations
@@ -16,37 +18,15 @@ import copy
 import torch
 
 from mppm_ext import STAT_QUANTITIES, TOKEN_QUANTITIES, reference
-
-K = 2.0
-# Keyed by the dtype the kernels accumulate in; every input dtype (fp32, bf16, fp16) accumulates in fp32.
-TOLERANCE = {torch.float32: {"atol": 1e-6, "rtol": 2.5e-7}}
+from mppm_ext.selftest import compare
 
 
-def assert_close(ours, ref, truth, name: str, accumulate=torch.float32) -> None:
-    tol = TOLERANCE[accumulate]
-    ours, ref, truth = ours.double().cpu(), ref.double().cpu(), truth.double().cpu()
-    rounded = truth.to(accumulate).double()
-    # Where the same-dtype reference itself is not finite but the truth is, the value cannot be formed in
-    # that dtype (e.g. the CV of an entropy whose float32 terms all underflow to 0: 0 / 0): no bound
-    # exists there, so those entries are not compared. Everywhere else the special values must agree
-    # exactly (NaN where undefined, inf where float32 overflows) and the bound holds.
-    ill = rounded.isfinite() & ~ref.isfinite()
-    assert torch.equal(ours.isnan() & ~ill, rounded.isnan()), f"{name}: NaN pattern differs from the reference"
-    assert torch.equal(ours.isinf() & ~ill, rounded.isinf()), f"{name}: inf pattern differs from the reference"
-    both_inf = ours.isinf() & rounded.isinf()
-    assert torch.equal(ours[both_inf], rounded[both_inf]), f"{name}: infinities of different sign"
-    finite = rounded.isfinite() & ~ill
-    if not finite.any():
-        return
-    ref_err = (ref - truth)[finite].abs().nan_to_num(float("inf")).max()
-    bound = K * ref_err + tol["atol"] + tol["rtol"] * truth.abs()
-    err = (ours - truth).abs()
-    bad = finite & ~(err <= bound)
-    if bad.any():
-        i = tuple(bad.nonzero()[0].tolist())
-        raise AssertionError(
-            f"{name}{list(i)}: ours {ours[i].item():.9g}, truth {truth[i].item():.9g}, error {err[i].item():.3g} "
-            f"> bound {bound[i].item():.3g} (reference error {ref_err.item():.3g}); {int(bad.sum())} elements fail")
+def assert_close(ours, ref, truth, name: str) -> None:
+    """``ours`` within the rule's bound of ``truth``, ``ref`` setting it (:func:`mppm_ext.selftest.compare`,
+    the rule's one implementation)."""
+    problem = compare(ours, ref, truth, name).problem
+    if problem is not None:
+        raise AssertionError(f"{name}: {problem}")
 
 
 def reference_pair(hidden, logits, tokens, **kwargs):
