@@ -34,9 +34,17 @@ def energy_inputs(draw):
     mask = None
     if draw(st.booleans()):
         mask = torch.rand(B, T, generator=g) > draw(st.sampled_from([0.1, 0.5, 0.9]))
+    if V > 1 and draw(st.booleans()):  # forbidden tokens: -inf logits are legal
+        logits = torch.where(torch.rand(B, T, V, generator=g) < 0.2, float("-inf"), logits)
+        logits[..., 0] = logits[..., 0].nan_to_num(neginf=0.0)  # every row keeps a finite entry
+    labels = None
+    if draw(st.booleans()):  # an HF-style completion mask: the prompt's labels are -100
+        labels = tokens.clone()
+        labels[:, :draw(st.integers(0, T - 1))] = -100
+    temperature = draw(st.sampled_from([1.0, 0.7, 1.9]))
     hidden_dtype = draw(st.sampled_from(DTYPES))
     logits_dtype = draw(st.sampled_from(DTYPES))
-    return hidden.to(hidden_dtype), logits.to(logits_dtype), tokens, mask
+    return hidden.to(hidden_dtype), logits.to(logits_dtype), tokens, mask, labels, temperature
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
@@ -45,6 +53,8 @@ def energy_inputs(draw):
 @given(data=energy_inputs())
 def test_energy_matches_reference(backend, data):
     impl, device = backend
-    hidden, logits, tokens, mask = (None if t is None else t.to(device) for t in data)
-    result = mppm_ext.energy(hidden, logits, tokens, attention_mask=mask, impl=impl)
-    assert_energy_matches(result, hidden, logits, tokens, attention_mask=mask)
+    *tensors, temperature = data
+    hidden, logits, tokens, mask, labels = (None if t is None else t.to(device) for t in tensors)
+    kwargs = dict(attention_mask=mask, labels=labels, temperature=temperature)
+    result = mppm_ext.energy(hidden, logits, tokens, impl=impl, **kwargs)
+    assert_energy_matches(result, hidden, logits, tokens, **kwargs)
