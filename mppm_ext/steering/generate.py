@@ -330,6 +330,11 @@ def _unsteered(state: Tensor) -> StepDelta:
                      torch.ones(b, dtype=torch.bool))
 
 
+def no_steering(ctx: StepContext) -> StepDelta:
+    """The delta function that steers nothing (δ = 0; target log p before δ not computed)."""
+    return _unsteered(ctx.state)
+
+
 # -------------------------------------------------------------------------------------------- driver
 
 
@@ -438,7 +443,7 @@ def steered_generate(model: nn.Module, tokenizer, prompts: Sequence[str], target
     row_targets = [] if targets is None else targets_mod.resolve_batch(tokenizer, targets, len(prompts),
                                                                         head.weight.shape[0])
     if delta_fn is None and targets is None:
-        delta_fn = _unsteered
+        delta_fn = no_steering
     elif delta_fn is None and ref.is_final:
         delta_fn = FinalStateSteerer(head.weight, getattr(head, "bias", None), row_targets, gain, mode, top_k,
                                      solver_options)
