@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 FEATURES = (
     ("models", ("setup",), "models"),
     ("scan", ("scan", "report", "findings"), "scan,plots"),
-    ("steering", ("steer-eval",), "steer"),
+    ("steering", ("steer-eval", "steer-bench"), "steer"),
 )
 
 
