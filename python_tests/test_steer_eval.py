@@ -117,6 +117,9 @@ def test_cli_writes_json_csv_png(model_dir, prompt_file, tmp_path, capsys):
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     text = capsys.readouterr().out
     assert "similarity to concept" in text and "steered" in text
+    # Step figures have no natural value: the console shows a dash there, not nan.
+    delta_row = next(line for line in text.splitlines() if line.startswith("||delta|| minimal-norm"))
+    assert "nan" not in text and delta_row.split()[2] == "—", delta_row
 
 
 @pytest.mark.parametrize("argv, exc, match", [
@@ -152,6 +155,10 @@ def test_cli_bad_prompt_file(model_dir, tmp_path):
         args.run(args)
     with pytest.raises(ValueError, match="specs is empty"):
         evaluate(tiny_model("llama"), word_tokenizer(), [], embedder=object())
+
+
+def test_cli_out_has_a_default():
+    assert str(parse([]).out) == "steer-eval"
 
 
 def test_cli_missing_model(tmp_path):

@@ -28,7 +28,8 @@ def register(subparsers) -> None:
                    help="a model name or path, as mppm_ext.models.load takes it (default: %(default)s)")
     p.add_argument("--prompts", type=Path, default=None,
                    help="prompt set JSON (default: the 16 prompts shipped in mppm_ext/steering/prompts.json)")
-    p.add_argument("--out", type=Path, required=True, help="output directory for report.json, report.csv, report.png")
+    p.add_argument("--out", type=Path, default=Path("steer-eval"),
+                   help="output directory for report.json, report.csv, report.png (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated per prompt and condition (default: %(default)s)")
     p.add_argument("--gain", type=float, default=2.0, help="wanted log-p increase of each target token per step (default: %(default)s)")
     p.add_argument("--mode", choices=("all", "energy"), default="all",
@@ -97,7 +98,8 @@ def summary_text(report: dict) -> str:
              f"gain {c['gain']}, mode {c['mode']}", f"{'':32s}{'natural':>12s}{'steered':>12s}"]
     for key, label in _PRINTED:
         vals = [report["summary"][cond].get(key, math.nan) for cond in ("natural", "steered")]
-        lines.append(f"{label:32s}" + "".join(f"{v:12.4g}" for v in vals))
+        # A step figure has no value for unsteered text: "—" there, not nan (which reads as an error).
+        lines.append(f"{label:32s}" + "".join(f"{v:12.4g}" if math.isfinite(v) else f"{'—':>12s}" for v in vals))
     first = [r for r in report["rows"] if r["index"] == 0]
     lines.append(f"example prompt: {first[0]['prompt']!r} -> concept {first[0]['concept']!r}")
     lines += [f"  {r['condition']:8s}: {r['continuation']!r}" for r in first]
@@ -245,13 +247,15 @@ def run_bench(args: argparse.Namespace) -> int:
                   mid_cases=args.mid_cases if args.mid_cases is not None else base["mid_cases"],
                   mid_decodings=base["mid_decodings"], mid_solver=base["mid_solver"], extra_costs=base["extra_costs"],
                   resamples=args.resamples, seed=args.seed, batch=base["batch"])
-    result = bench.run(progress=not args.no_progress)
+    checkpoint = args.out / "rows.partial.json"
+    result = bench.run(progress=not args.no_progress, checkpoint=checkpoint)
     config = dict(model=loaded.name, trained=loaded.trained, source=str(loaded.source), quick=args.quick,
                   judge=f"the unsteered {loaded.name}", notes=_notes(loaded),
                   command=" ".join(["mppm", "steer-bench", *(shlex.quote(a) for a in sys.argv[2:])])
                   if sys.argv[1:2] == ["steer-bench"] else "mppm steer-bench (called from Python)")
     report = build_report(bench, result, config)
     paths = bench_report.write(report, args.out)
+    checkpoint.unlink()
     for decoding, entry in report["analysis"].items():
         for c in entry["comparisons"]:
             print(f"{decoding}: {c['a']} {c['verdict']} {c['b']}")

@@ -40,7 +40,8 @@ RECORD_FIELDS = (
     "log_energy",              # log K + surprisal (product energy, science.md)
     "target_log_prob_before",  # log p(target set | state before δ); NaN where not known
     "target_log_prob_after",   # log p(target set | state after δ), from the model's own logits
-    "target",                  # int64: the one target steered to in energy mode, −1 otherwise
+    "target",                  # int64: the one target steered to in energy mode; −1 (no single target) in mode
+                               # "all", where every target is raised, and in unsteered or custom-δ runs
     "converged",               # bool: the solver converged (True when not steered)
     "feasible",                # bool: the asked gain was reachable (True when not steered)
 )
