@@ -12,8 +12,10 @@ the continuation. :mod:`.bench_stats` turns them into curves and paired-bootstra
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -30,15 +32,17 @@ DEFAULTS = dict(
     strengths={"logit_bias": (1.0, 2.0, 4.0, 6.0, 10.0), "jacobian_final": (0.5, 1.0, 2.0, 4.0, 8.0),
                "jacobian_mid": (0.5, 1.0, 2.0, 4.0), "actadd": (0.25, 0.5, 1.0, 2.0, 4.0),
                "caa": (0.25, 0.5, 1.0, 2.0, 4.0)},
-    max_new_tokens=16, decodings=("greedy", "sampled"), temperature=0.7, mid_cases=6, mid_decodings=("greedy",),
+    # jacobian_mid costs ~5 s per prompt and token on 2 cores (measured on SmolLM2, about 100x a cached step of
+    # the other methods): 4 cases x 4 strengths x 16 tokens is about half of the default run.
+    max_new_tokens=16, decodings=("greedy", "sampled"), temperature=0.7, mid_cases=4, mid_decodings=("greedy",),
     # Two Gauss-Newton steps reach the asked gains to ~0.03 nats in the middle layer (measured on SmolLM2),
     # and each costs m + 2 passes through the remaining blocks per prompt; five would triple the run.
     mid_solver=dict(newton_steps=2, gain_tol=0.05), extra_costs=(0.25, 0.5, 1.0, 2.0), resamples=2000, seed=0,
     batch=40)
 #: --quick: the same methods on 4 prompts x 5 concepts, 3 strengths, 12 tokens, greedy; for a first look.
 QUICK = dict(DEFAULTS, strengths={"logit_bias": (2.0, 4.0, 10.0), "jacobian_final": (1.0, 2.0, 8.0),
-                                  "jacobian_mid": (1.0, 4.0), "actadd": (0.5, 1.0, 4.0), "caa": (0.5, 1.0, 4.0)},
-             max_new_tokens=12, decodings=("greedy",), mid_cases=2)
+                                  "jacobian_mid": (2.0,), "actadd": (0.5, 1.0, 4.0), "caa": (0.5, 1.0, 4.0)},
+             max_new_tokens=12, decodings=("greedy",), mid_cases=1)
 #: The cases of --quick: the first 4 prompts under 5 concepts.
 QUICK_CASES = dict(prompts=4, concepts=("ocean", "music", "treasure", "space", "fire"))
 
@@ -146,11 +150,13 @@ class Bench:
         return dict(max_new_tokens=self.max_new_tokens, do_sample=decoding == "sampled",
                     temperature=self.temperature, seed=self.seed)
 
-    def run(self, progress: bool = True) -> dict:
-        """Generate and score everything; returns the report dict (see :func:`build_report`)."""
+    def run(self, progress: bool = True, checkpoint: Optional[Path] = None) -> dict:
+        """Generate and score everything: the rows of the report, the contrast directions and the time taken
+        (see :func:`build_report`). With ``checkpoint``, the rows so far are written there (JSON) after
+        every generation, so that a long run that is stopped keeps what it computed."""
         from tqdm.auto import tqdm
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         self.concept_emb = self.embedder.encode([c.concept for c in self.case_set.concepts])
         directions = methods_mod.contrast_directions(self.model, self.tokenizer, self.case_set.concepts, self.mid)
         rows = []
@@ -171,9 +177,12 @@ class Bench:
         for decoding, method, strength, subset in jobs:
             bar.set_postfix_str(f"{decoding} {method.name} {strength:g}")
             rows += self._method_rows(decoding, method, strength, subset, directions)
+            if checkpoint is not None:
+                checkpoint.write_text(json.dumps(rows))
             bar.update()
         bar.close()
-        return dict(rows=rows, directions=directions, seconds=time.perf_counter() - start)
+        return dict(rows=rows, directions=directions, seconds=time.perf_counter() - start,
+                    cpu_seconds=time.process_time() - cpu, threads=torch.get_num_threads())
 
     def _ids(self, case: cases_mod.Case, decoding: str, method: str, strength: float) -> dict:
         return dict(case=case.index, prompt_index=case.prompt_index, concept=case.concept.name, decoding=decoding,
@@ -265,7 +274,8 @@ def build_report(bench: Bench, result: dict, config: dict) -> dict:
     directions = [dict(concept=c.name, actadd_norm=float(d["actadd"][i].norm()), caa_norm=float(d["caa"][i].norm()),
                        state_norm=float(d["state_norm"][i]))
                   for i, c in enumerate(bench.case_set.concepts)]
-    config = dict(config, seconds=result["seconds"], mid_layer=bench.mid.index, num_blocks=bench.mid.num_blocks,
+    config = dict(config, seconds=result["seconds"], cpu_seconds=result["cpu_seconds"], threads=result["threads"],
+                  mid_layer=bench.mid.index, num_blocks=bench.mid.num_blocks,
                   max_new_tokens=bench.max_new_tokens, decodings=list(bench.decodings),
                   temperature=bench.temperature, seed=bench.seed, extra_costs=list(bench.extra_costs),
                   resamples=bench.resamples, mid_solver=bench.mid_solver, cases=len(bench.cases),

@@ -92,7 +92,8 @@ def markdown(report: dict) -> str:
     lines += [f"- {c['cases']} cases ({c['prompts']} prompts × {c['concepts']} concepts), {c['max_new_tokens']} new "
               f"tokens, decodings: {', '.join(c['decodings'])} (sampling at temperature {c['temperature']:g}, seed "
               f"{c['seed']}); middle layer = state {c['mid_layer']} of {c['num_blocks']} blocks (L // 2); "
-              f"{c['resamples']} bootstrap resamples; run time {c['seconds'] / 60:.1f} min.",
+              f"{c['resamples']} bootstrap resamples; run time {c['seconds'] / 60:.1f} min wall, "
+              f"{c['cpu_seconds'] / 60:.1f} CPU-min over {c['threads']} torch threads.",
               f"- Command: `{c['command']}`.", "",
               "## Methods", "", "| method | acts on | strengths | unit | cases | decodings |", "|---|---|---|---|---|---|"]
     for m in report["methods"]:
