@@ -293,6 +293,11 @@ def test_steer_bench_end_to_end(model_dir, case_file, tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert "Jacobian (final state)" in md and "[" in md and "nan" not in md.lower()
     assert "jacobian_final" in capsys.readouterr().out
+    # --render-only rebuilds the same text and plots from report.json alone.
+    (out / "report.md").unlink()
+    again = parse(["--out", str(out), "--render-only"])
+    assert again.run(again) == 0
+    assert (out / "report.md").read_text() == md
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -29,19 +29,19 @@ from .generate import GenerationResult, steered_generate
 
 #: Strength grids of the default run (units in methods.KINDS) and the rest of its configuration.
 DEFAULTS = dict(
-    strengths={"logit_bias": (1.0, 2.0, 4.0, 6.0, 10.0), "jacobian_final": (0.5, 1.0, 2.0, 4.0, 8.0),
-               "jacobian_mid": (0.5, 1.0, 2.0, 4.0), "actadd": (0.25, 0.5, 1.0, 2.0, 4.0),
-               "caa": (0.25, 0.5, 1.0, 2.0, 4.0)},
-    # jacobian_mid costs ~5 s per prompt and token on 2 cores (measured on SmolLM2, about 100x a cached step of
-    # the other methods): 4 cases x 4 strengths x 16 tokens is about half of the default run.
-    max_new_tokens=16, decodings=("greedy", "sampled"), temperature=0.7, mid_cases=4, mid_decodings=("greedy",),
+    strengths={"logit_bias": (1.0, 2.0, 4.0, 8.0), "jacobian_final": (0.5, 1.0, 2.0, 4.0),
+               "jacobian_mid": (0.5, 1.0, 2.0), "actadd": (0.25, 0.5, 1.0, 2.0), "caa": (0.25, 0.5, 1.0, 2.0)},
+    # jacobian_mid costs ~6 CPU-s per prompt and token on SmolLM2 (two Gauss-Newton steps, each m + 2 passes
+    # through the model without a cache), about 100x a cached step of a whole batch of the other methods:
+    # 2 cases x 3 strengths x 16 tokens is a third of the default run.
+    max_new_tokens=16, decodings=("greedy", "sampled"), temperature=0.7, mid_cases=2, mid_decodings=("greedy",),
     # Two Gauss-Newton steps reach the asked gains to ~0.03 nats in the middle layer (measured on SmolLM2),
     # and each costs m + 2 passes through the remaining blocks per prompt; five would triple the run.
     mid_solver=dict(newton_steps=2, gain_tol=0.05), extra_costs=(0.25, 0.5, 1.0, 2.0), resamples=2000, seed=0,
     batch=40)
 #: --quick: the same methods on 4 prompts x 5 concepts, 3 strengths, 12 tokens, greedy; for a first look.
-QUICK = dict(DEFAULTS, strengths={"logit_bias": (2.0, 4.0, 10.0), "jacobian_final": (1.0, 2.0, 8.0),
-                                  "jacobian_mid": (2.0,), "actadd": (0.5, 1.0, 4.0), "caa": (0.5, 1.0, 4.0)},
+QUICK = dict(DEFAULTS, strengths={"logit_bias": (2.0, 4.0, 8.0), "jacobian_final": (1.0, 2.0, 4.0),
+                                  "jacobian_mid": (2.0,), "actadd": (0.5, 1.0, 2.0), "caa": (0.5, 1.0, 2.0)},
              max_new_tokens=12, decodings=("greedy",), mid_cases=1)
 #: The cases of --quick: the first 4 prompts under 5 concepts.
 QUICK_CASES = dict(prompts=4, concepts=("ocean", "music", "treasure", "space", "fire"))

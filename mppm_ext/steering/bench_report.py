@@ -28,20 +28,24 @@ def strict(x):
     return x
 
 
-def write(report: dict, out: Path) -> list[Path]:
-    """Write every file of the report into ``out``; returns their paths."""
+def write(report: dict, out: Path, *, json_too: bool = True) -> list[Path]:
+    """Write every file of the report into ``out`` (report.json only with ``json_too``); returns their paths.
+    A report read back from report.json (nulls for NaN) renders the same."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "report.json", out / "report.csv", out / "report.md"]
-    paths[0].write_text(json.dumps(strict(report), indent=1, allow_nan=False))
+    if json_too:
+        paths[0].write_text(json.dumps(strict(report), indent=1, allow_nan=False))
+    else:
+        paths = paths[1:]
     columns = ["case", "prompt_index", "concept", "decoding", "method", "strength", *FIGURES, "continuation"]
-    with open(paths[1], "w", newline="") as f:
+    with open(out / "report.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(report["rows"])
     for decoding in report["analysis"]:
         paths.append(out / f"curves_{decoding}.png")
         plot(report, decoding, paths[-1])
-    paths[2].write_text(markdown(report))
+    (out / "report.md").write_text(markdown(report))
     return paths
 
 
@@ -94,8 +98,9 @@ def markdown(report: dict) -> str:
               f"{c['seed']}); middle layer = state {c['mid_layer']} of {c['num_blocks']} blocks (L // 2); "
               f"{c['resamples']} bootstrap resamples; run time {c['seconds'] / 60:.1f} min wall, "
               f"{c['cpu_seconds'] / 60:.1f} CPU-min over {c['threads']} torch threads.",
-              f"- Command: `{c['command']}`.", "",
-              "## Methods", "", "| method | acts on | strengths | unit | cases | decodings |", "|---|---|---|---|---|---|"]
+              f"- Command: `{c['command']}`.", "", "## Headline", ""]
+    lines += _headline(report)
+    lines += ["", "## Methods", "", "| method | acts on | strengths | unit | cases | decodings |", "|---|---|---|---|---|---|"]
     for m in report["methods"]:
         cases = f"{len(m['cases'])} (subset)" if isinstance(m["cases"], list) else f"all {c['cases']}"
         lines.append(f"| {LABELS[m['name']]} | {m['layer']} | {', '.join(f'{s:g}' for s in m['strengths'])} | "
@@ -130,6 +135,19 @@ def markdown(report: dict) -> str:
     lines += _examples(report)
     lines += ["", "## How to read this", "", *_reading(report)]
     return "\n".join(lines) + "\n"
+
+
+def _headline(report: dict) -> list[str]:
+    """One line per comparison and decoding: the verdict, and the budgets where A is higher or lower."""
+    out = []
+    for decoding, entry in report["analysis"].items():
+        for x in entry["comparisons"]:
+            where = {k: [f"+{b['extra_cost']:g}" for b in x["budgets"] if b["call"] == k] for k in ("higher", "lower")}
+            detail = "; ".join(f"{k} at {', '.join(v)} nats" for k, v in where.items() if v) or \
+                "no budget separates them"
+            few = f" (only {x['cases']} cases: a first look, not a test)" if x["cases"] < 10 else ""
+            out.append(f"- {decoding}: {LABELS[x['a']]} {WORDS[x['verdict']]} {LABELS[x['b']]} — {detail}{few}.")
+    return out
 
 
 def _energy_sentence(rows, decoding) -> str:

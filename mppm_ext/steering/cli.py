@@ -171,7 +171,7 @@ def register_bench(subparsers) -> None:
                         f"{len(QUICK_CASES['concepts'])} concepts, {QUICK['max_new_tokens']} tokens, 3 strengths, greedy, "
                         f"the middle-layer Jacobian on {QUICK['mid_cases']} cases")
     p.add_argument("--cases", type=Path, default=None,
-                   help="case set JSON (default: mppm_ext/steering/cases.json, 10 prompts x 12 concepts)")
+                   help="case set JSON (default: mppm_ext/steering/cases.json, 10 prompts x 10 concepts)")
     p.add_argument("--prompts", type=int, default=None, help="use only the first N prompts (default: all)")
     p.add_argument("--concepts", default=None, help="comma-separated concept names to use (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -191,6 +191,8 @@ def register_bench(subparsers) -> None:
     p.add_argument("--resamples", type=int, default=DEFAULTS["resamples"], help="bootstrap resamples (default: %(default)s)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="sampling and bootstrap seed (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--render-only", action="store_true",
+                   help="generate nothing: rewrite report.md, report.csv and the PNGs from --out's report.json")
     p.set_defaults(run=run_bench)
 
 
@@ -220,6 +222,13 @@ def run_bench(args: argparse.Namespace) -> int:
     from .cases import load_cases
     from .evaluate import SentenceEmbedder
 
+    if args.render_only:
+        try:
+            report = json.loads((args.out / "report.json").read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--render-only: cannot read {args.out / 'report.json'}: {err}") from err
+        print("wrote " + ", ".join(str(p) for p in bench_report.write(report, args.out, json_too=False)))
+        return 0
     base = QUICK if args.quick else DEFAULTS
     strengths = dict(base["strengths"])
     for name, grid in args.strengths:
