@@ -313,3 +313,19 @@ def test_steer_bench_bad_arguments(model_dir, case_file, tmp_path, argv, match):
                   "--no-progress", *argv])
     with pytest.raises(ValueError, match=match):
         args.run(args)
+
+
+@pytest.mark.parametrize("name", ["natural", "logit_bias", "jacobian_final"])
+def test_final_state_cost_equals_a_judge_forward_pass(model, tok, name):
+    from mppm_ext.steering.bench import final_state_cost
+    from mppm_ext.steering.evaluate import continuation_perplexity
+
+    rows = targets_of(tok, [["storm", "rain"], ["fire", "light"], ["storm"]])
+    if name == "natural":
+        run = steered_generate(model, tok, PROMPTS, max_new_tokens=5)
+    else:
+        run = generate(model, tok, make_method(name, [2.0], 1), 2.0, PROMPTS, rows, max_new_tokens=5)
+    cost = final_state_cost(model, run)
+    assert torch.allclose(cost, torch.log(continuation_perplexity(model, run)), rtol=1e-9, atol=1e-9)
+    if name != "natural":  # the steered model's own surprisal is lower on its targets: not the judge's
+        assert not torch.allclose(cost, run.surprisal.mean(-1))

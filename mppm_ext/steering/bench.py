@@ -34,7 +34,9 @@ DEFAULTS = dict(
     # jacobian_mid costs ~6 CPU-s per prompt and token on SmolLM2 (two Gauss-Newton steps, each m + 2 passes
     # through the model without a cache), about 100x a cached step of a whole batch of the other methods:
     # 2 cases x 3 strengths x 16 tokens is a third of the default run.
-    max_new_tokens=16, decodings=("greedy", "sampled"), temperature=0.7, mid_cases=2, mid_decodings=("greedy",),
+    # Greedy only by default: on this project's shared 2-core machine one job of 100 cases takes about 1-2.5 min,
+    # so sampling (--decodings greedy,sampled) would double a run of about an hour.
+    max_new_tokens=16, decodings=("greedy",), temperature=0.7, mid_cases=2, mid_decodings=("greedy",),
     # Two Gauss-Newton steps reach the asked gains to ~0.03 nats in the middle layer (measured on SmolLM2),
     # and each costs m + 2 passes through the remaining blocks per prompt; five would triple the run.
     mid_solver=dict(newton_steps=2, gain_tol=0.05), extra_costs=(0.25, 0.5, 1.0, 2.0), resamples=2000, seed=0,
@@ -78,6 +80,18 @@ def row_figures(run: GenerationResult, i: int, similarity: float, cost: float, *
         target_log_prob=_mean(run.target_log_prob_after[i]) if steered else nan,
         cv_log_energy=_cv(run.log_energy[i]), cv_log_kinetic=_cv(torch.log(run.kinetic[i])),
         cv_surprisal=_cv(run.surprisal[i]))
+
+
+def final_state_cost(model, run: GenerationResult) -> torch.Tensor:
+    """``[B]`` float64 mean surprisal of each generated token under logits ``W h + b`` of ``run.states``
+    (the final states before δ of a run steered at the final state or the logits)."""
+    from ..models import anatomy
+
+    weight, bias = anatomy.unembedding(model)
+    logits = run.states.double() @ weight.detach().double().cpu().T
+    if bias is not None:
+        logits = logits + bias.detach().double().cpu()
+    return -torch.log_softmax(logits, -1).gather(-1, run.token.unsqueeze(-1)).squeeze(-1).mean(-1)
 
 
 def _batched(fn, n: int, size: int) -> list:
@@ -142,8 +156,13 @@ class Bench:
         emb = self.embedder.encode(texts)
         return (emb * self.concept_emb[concept_rows]).sum(-1).double().numpy()
 
-    def _score(self, run: GenerationResult) -> torch.Tensor:
-        """Fluency cost ``[B]``: log of continuation_perplexity under the judge, i.e. mean surprisal."""
+    def _score(self, run: GenerationResult, site=None) -> torch.Tensor:
+        """Fluency cost ``[B]``: the mean surprisal of each continuation under the judge (unhooked). ``site``:
+        where the method acted ("logits", "final", an int, or None for natural text)."""
+        if self.judge is self.model and site in (None, "logits", "final"):
+            # Nothing inside the model was edited (no cached state changed), so the unsteered logits of each
+            # step are those of the recorded pre-δ final states: no second forward pass (half of a job's cost).
+            return final_state_cost(self.model, run)
         return torch.log(continuation_perplexity(self.judge, run))
 
     def _decode_kw(self, decoding: str) -> dict:
@@ -200,7 +219,7 @@ class Bench:
                 [self.concept_targets[c.concept_index] for c in part],
                 None if dirs is None else dirs[[c.concept_index for c in part]],
                 solver_options=self.mid_solver if kind == "jacobian_mid" else None, **self._decode_kw(decoding))
-            return part, run, self._score(run)
+            return part, run, self._score(run, method.layer)
 
         out = []
         for part, run, cost in _batched(one, len(cases), self.batch):

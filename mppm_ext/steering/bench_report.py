@@ -14,6 +14,8 @@ LABELS = {"natural": "natural", "logit_bias": "logit bias", "jacobian_final": "J
           "jacobian_mid": "Jacobian (middle layer)", "actadd": "ActAdd", "caa": "CAA (mean difference)"}
 COLORS = {"logit_bias": "tab:orange", "jacobian_final": "tab:blue", "jacobian_mid": "tab:purple",
           "actadd": "tab:green", "caa": "tab:red"}
+SHORT_UNITS = {"logit_bias": "b, nats", "jacobian_final": "g, nats", "jacobian_mid": "g, nats",
+               "actadd": "s = ||δ||/||h||", "caa": "s = ||δ||/||h||"}
 WORDS = {"dominates": "dominates", "loses": "loses to", "matches": "matches", "mixed": "neither dominates nor loses to"}
 
 
@@ -204,8 +206,8 @@ def _reading(report: dict) -> list[str]:
 
 
 def plot(report: dict, decoding: str, path: Path) -> None:
-    """Left: every method's mean curve on all cases; right: the same on the Jacobian-middle subset (when run),
-    with the frontier differences at each budget in the title-free legend."""
+    """Left: every method's mean curve on all cases; right: the same on the Jacobian-middle subset (when run).
+    Points are labelled with their strengths; dotted lines mark the fluency budgets."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,16 +226,19 @@ def plot(report: dict, decoding: str, path: Path) -> None:
                 continue
             cost, sim = curves(report["rows"], m["name"], m["strengths"], decoding, cases)
             x, y = cost.mean(0), sim.mean(0)
-            ax.plot(x, y, "o-", color=COLORS[m["name"]], label=f"{LABELS[m['name']]} ({m['unit'].split(' (')[0]})")
+            ax.plot(x, y, "o-", color=COLORS[m["name"]], label=f"{LABELS[m['name']]} ({SHORT_UNITS[m['name']]})")
             for s, xi, yi in zip(m["strengths"], x[1:], y[1:]):
                 ax.annotate(f"{s:g}", (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7,
                             color=COLORS[m["name"]])
         ax.plot([x[0]], [y[0]], "k*", ms=14, label="natural")
+        for k, extra in enumerate(report["config"]["extra_costs"]):  # the budgets of the matched comparisons
+            ax.axvline(x[0] + extra, color="0.6", ls=":", lw=1, label="fluency budgets (natural + 0.25 ... nats)"
+                       if k == 0 else None)
         ax.set(xlabel="fluency cost: mean surprisal under the judge (nats/token)",
                ylabel="similarity to the concept (MiniLM cosine)",
                title=f"{report['config']['model']}, {decoding}: {title} ({len(cases)} cases)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
