@@ -74,13 +74,31 @@ def _group(rows, decoding, method, strength, cases=None):
             and (cases is None or r["case"] in cases)]
 
 
-def _comparison_sentence(c: dict) -> str:
+def reach(curve: dict) -> float:
+    """How far a method's grid goes: the largest mean cost of its strengths above the natural cost (nats)."""
+    return max(curve["cost"][1:]) - curve["cost"][0]
+
+
+def _beyond(c: dict, curves: dict) -> str:
+    """Which budgets lie beyond the cost the grids of A or B reach (there the frontier is flat because the
+    grid stops, not because the method could not go further)."""
+    notes = []
+    for name in (c["a"], c["b"]):
+        r = reach(curves[name])
+        over = [f"+{x['extra_cost']:g}" for x in c["budgets"] if x["extra_cost"] > r]
+        if over:
+            notes.append(f"{', '.join(over)} nats lie beyond {LABELS[name]}'s grid (its strongest strength costs "
+                         f"{_signed(r)} nats)")
+    return (" Budgets where the grid, not the method, sets the frontier: " + "; ".join(notes) + ".") if notes else ""
+
+
+def _comparison_sentence(c: dict, curves: dict) -> str:
     a, b = LABELS[c["a"]], LABELS[c["b"]]
     parts = []
     for x in c["budgets"]:
         parts.append(f"+{x['extra_cost']:g} nats: {x['call']} ({_ci(x)})")
     return (f"**{a} {WORDS[c['verdict']]} {b}** on {c['cases']} cases: frontier similarity difference "
-            f"(A − B) at each fluency budget above the natural cost — " + "; ".join(parts) + ".")
+            f"(A − B) at each fluency budget above the natural cost — " + "; ".join(parts) + "." + _beyond(c, curves))
 
 
 def _example_strength(curve: dict, budget: float) -> float:
@@ -115,7 +133,7 @@ def markdown(report: dict) -> str:
     for decoding, entry in report["analysis"].items():
         lines += ["", f"## {decoding.capitalize()} decoding", "",
                   f"![curves](curves_{decoding}.png)", "", "### Verdicts (Jacobian steering against each baseline)", ""]
-        lines += [f"- {_comparison_sentence(x)}" for x in entry["comparisons"]]
+        lines += [f"- {_comparison_sentence(x, entry['curves'])}" for x in entry["comparisons"]]
         lines += ["", "### Gain over the natural continuation at each fluency budget", "",
                   "| method | cases | " + " | ".join(f"+{e:g} nats" for e in c["extra_costs"]) + " |",
                   "|---|---:|" + "---:|" * len(c["extra_costs"])]
@@ -148,7 +166,12 @@ def _headline(report: dict) -> list[str]:
             detail = "; ".join(f"{k} at {', '.join(v)} nats" for k, v in where.items() if v) or \
                 "no budget separates them"
             few = f" (only {x['cases']} cases: a first look, not a test)" if x["cases"] < 10 else ""
-            out.append(f"- {decoding}: {LABELS[x['a']]} {WORDS[x['verdict']]} {LABELS[x['b']]} — {detail}{few}.")
+            inside = [b for b in x["budgets"] if b["extra_cost"] <= min(reach(entry["curves"][x["a"]]),
+                                                                           reach(entry["curves"][x["b"]]))]
+            within = ("; within both grids: " + ", ".join(f"+{b['extra_cost']:g} nats {b['call']} ({_ci(b)})"
+                                                          for b in inside)) if inside else \
+                "; no budget lies within both grids"
+            out.append(f"- {decoding}: {LABELS[x['a']]} {WORDS[x['verdict']]} {LABELS[x['b']]} — {detail}{within}{few}.")
     return out
 
 
