@@ -31,11 +31,11 @@ from .generate import GenerationResult, steered_generate
 DEFAULTS = dict(
     strengths={"logit_bias": (1.0, 2.0, 4.0, 8.0), "jacobian_final": (0.5, 1.0, 2.0, 4.0),
                "jacobian_mid": (0.5, 1.0, 2.0), "actadd": (0.25, 0.5, 1.0, 2.0), "caa": (0.25, 0.5, 1.0, 2.0)},
-    # jacobian_mid costs ~6 CPU-s per prompt and token on SmolLM2 (two Gauss-Newton steps, each m + 2 passes
-    # through the model without a cache), about 100x a cached step of a whole batch of the other methods:
+    # jacobian_mid costs 7-10 s per prompt and token on SmolLM2 (two Gauss-Newton steps, each m + 2 passes
+    # through the model without a cache), over 100x the per-row cost of a cached step of the other methods:
     # 2 cases x 3 strengths x 16 tokens is a third of the default run.
     # Greedy only by default: on this project's shared 2-core machine one job of 100 cases takes about 1-2.5 min,
-    # so sampling (--decodings greedy,sampled) would double a run of about an hour.
+    # so sampling (--decodings greedy,sampled) would add about 25 min to the 40 of the greedy run.
     max_new_tokens=16, decodings=("greedy",), temperature=0.7, mid_cases=2, mid_decodings=("greedy",),
     # Two Gauss-Newton steps reach the asked gains to ~0.03 nats in the middle layer (measured on SmolLM2),
     # and each costs m + 2 passes through the remaining blocks per prompt; five would triple the run.
