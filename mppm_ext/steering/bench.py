@@ -35,7 +35,7 @@ DEFAULTS = dict(
     # through the model without a cache), over 100x the per-row cost of a cached step of the other methods:
     # 2 cases x 3 strengths x 16 tokens is a third of the default run.
     # Greedy only by default: on this project's shared 2-core machine one job of 100 cases takes about 1-2.5 min,
-    # so sampling (--decodings greedy,sampled) would add about 25 min to the 40 of the greedy run.
+    # so sampling (--decodings greedy,sampled) would add about 35 min to the 40 of the greedy run.
     max_new_tokens=16, decodings=("greedy",), temperature=0.7, mid_cases=2, mid_decodings=("greedy",),
     # Two Gauss-Newton steps reach the asked gains to ~0.03 nats in the middle layer (measured on SmolLM2),
     # and each costs m + 2 passes through the remaining blocks per prompt; five would triple the run.
