@@ -73,23 +73,14 @@ def run(args: argparse.Namespace) -> int:
 def write(report: dict, out: Path) -> None:
     """report.json, report.csv (one row per prompt and condition) and report.png into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(_strict(report), indent=1, allow_nan=False))
+    from .bench_report import strict
+
+    (out / "report.json").write_text(json.dumps(strict(report), indent=1, allow_nan=False))
     with open(out / "report.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(report["rows"][0]))
         writer.writeheader()
         writer.writerows(report["rows"])
     plot(report, out / "report.png")
-
-
-def _strict(x):
-    """``x`` with NaN/inf floats as null: strict JSON (NaN marks an undefined figure, e.g. a CV of one step)."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _strict(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_strict(v) for v in x]
-    return x
 
 
 def summary_text(report: dict) -> str:
@@ -167,7 +158,7 @@ def register_bench(subparsers) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="a model name or path, as mppm_ext.models.load takes it (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
-                   help=f"a first look in a few minutes: {QUICK_CASES['prompts']} prompts x "
+                   help=f"a first look (about 7 CPU-minutes on SmolLM2): {QUICK_CASES['prompts']} prompts x "
                         f"{len(QUICK_CASES['concepts'])} concepts, {QUICK['max_new_tokens']} tokens, 3 strengths, greedy, "
                         f"the middle-layer Jacobian on {QUICK['mid_cases']} cases")
     p.add_argument("--cases", type=Path, default=None,
