@@ -17,7 +17,7 @@ CORE = {"selftest": selftest.register}
 FEATURES = (
     ("models", ("setup",), "models"),
     ("scan", ("scan", "report", "findings"), "scan,plots"),
-    ("steering", ("steer-eval",), "steer"),
+    ("steering", ("steer-eval", "steer-bench"), "steer"),
 )
 
 

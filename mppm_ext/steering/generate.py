@@ -40,7 +40,8 @@ RECORD_FIELDS = (
     "log_energy",              # log K + surprisal (product energy, science.md)
     "target_log_prob_before",  # log p(target set | state before δ); NaN where not known
     "target_log_prob_after",   # log p(target set | state after δ), from the model's own logits
-    "target",                  # int64: the one target steered to in energy mode, −1 otherwise
+    "target",                  # int64: the one target steered to in energy mode; −1 (no single target) in mode
+                               # "all", where every target is raised, and in unsteered or custom-δ runs
     "converged",               # bool: the solver converged (True when not steered)
     "feasible",                # bool: the asked gain was reachable (True when not steered)
 )
@@ -330,6 +331,11 @@ def _unsteered(state: Tensor) -> StepDelta:
                      torch.ones(b, dtype=torch.bool))
 
 
+def no_steering(ctx: StepContext) -> StepDelta:
+    """The delta function that steers nothing (δ = 0; target log p before δ not computed)."""
+    return _unsteered(ctx.state)
+
+
 # -------------------------------------------------------------------------------------------- driver
 
 
@@ -438,7 +444,7 @@ def steered_generate(model: nn.Module, tokenizer, prompts: Sequence[str], target
     row_targets = [] if targets is None else targets_mod.resolve_batch(tokenizer, targets, len(prompts),
                                                                         head.weight.shape[0])
     if delta_fn is None and targets is None:
-        delta_fn = _unsteered
+        delta_fn = no_steering
     elif delta_fn is None and ref.is_final:
         delta_fn = FinalStateSteerer(head.weight, getattr(head, "bias", None), row_targets, gain, mode, top_k,
                                      solver_options)
