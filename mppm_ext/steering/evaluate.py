@@ -1,4 +1,4 @@
-"""Steered against natural continuations on a fixed prompt set (science.md, "Evaluating steering").
+"""Steered against natural continuations on a fixed prompt set (docs/steer-eval/README.md).
 
 For every prompt, the natural (greedy, unsteered) and the steered continuation are compared on:
 - energy CV along the continuation: CV of log E = log K + s over the generated steps, next to the CVs of

@@ -1,4 +1,4 @@
-"""Steered generation on an unmodified Hugging Face causal LM (science.md, "Jacobian steering").
+"""Steered generation on an unmodified Hugging Face causal LM (docs/definitions.md, "Jacobian steering").
 
 At every generation step the state of the newest position at one layer is handed to a *delta function*,
 which returns a perturbation δ; a forward hook adds δ to that position only. By default the layer is the
@@ -37,7 +37,7 @@ RECORD_FIELDS = (
     "state_norm",              # ||h|| of the steered layer's state before δ
     "kinetic",                 # K = ½||h_t − h_{t−1}||² of the final state (the states the LM head saw)
     "surprisal",               # −log p(token | steered final state)
-    "log_energy",              # log K + surprisal (product energy, science.md)
+    "log_energy",              # log K + surprisal (product energy, docs/definitions.md)
     "target_log_prob_before",  # log p(target set | state before δ); NaN where not known
     "target_log_prob_after",   # log p(target set | state after δ), from the model's own logits
     "target",                  # int64: the one target steered to in energy mode; −1 (no single target) in mode

@@ -1,5 +1,5 @@
-"""Steering any residual-stream state of a Hugging Face causal LM (science.md: "Steering an earlier layer
-needs the Jacobian through the remaining blocks"); layers are numbered as :mod:`mppm_ext.models.layers`.
+"""Steering any residual-stream state of a Hugging Face causal LM, with the Jacobian taken through the blocks
+that follow it (docs/definitions.md, "Jacobian steering"); layers are numbered as :mod:`mppm_ext.models.layers`.
 
 The perturbation is added to ``layer``'s state at one position by a hook (``models.layers.edit_hook``), and
 the targets' log p at the last position is differentiated with torch.func through the whole forward: the
