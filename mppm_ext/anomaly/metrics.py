@@ -110,33 +110,37 @@ class Interval:
         return dict(value=self.value, low=self.low, high=self.high)
 
 
-def bootstrap(statistic: Callable[[np.ndarray], float], groups, *, reps: int = 1000, level: float = 0.95,
-              seed: int = 0) -> Interval:
-    """Percentile bootstrap over groups (documents): each resample draws as many groups as there are, with
-    replacement, and keeps every item of a drawn group (as often as it is drawn).
-
-    Args:
-        statistic: takes an index array into the items (repeats allowed) and returns a number; NaN results
-            (a resample without one class) are dropped, and their count lowers ``reps`` in the result.
-        groups: ``[n]`` group id of each item.
-    """
+def bootstrap_indices(groups, *, reps: int = 1000, seed: int = 0) -> list[np.ndarray]:
+    """``reps`` resamples over groups (documents): each draws as many groups as there are, with replacement,
+    and keeps every item of a drawn group (as often as it is drawn). Returns index arrays into the items;
+    sharing them between statistics gives paired intervals (e.g. of a difference of two AUROCs)."""
     g = np.asarray(groups)
     if g.size == 0:
         raise ValueError("bootstrap needs at least one item")
     uniq, inverse = np.unique(g, return_inverse=True)
     members = [np.flatnonzero(inverse == k) for k in range(uniq.size)]
     rng = np.random.default_rng(seed)
-    value = float(statistic(np.arange(g.size)))
-    draws = []
-    for _ in range(reps):
-        picked = rng.integers(0, uniq.size, uniq.size)
-        v = statistic(np.concatenate([members[k] for k in picked]))
-        if not np.isnan(v):
-            draws.append(v)
-    if not draws:
-        return Interval(value, float("nan"), float("nan"), level, 0)
-    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
-    return Interval(value, float(lo), float(hi), level, len(draws))
+    return [np.concatenate([members[k] for k in rng.integers(0, uniq.size, uniq.size)]) for _ in range(reps)]
+
+
+def interval(value: float, draws, level: float = 0.95) -> Interval:
+    """Percentile interval of the bootstrap ``draws`` around ``value``; NaN draws (a resample without one
+    class) are dropped, and their count lowers ``reps``."""
+    d = np.asarray(draws, dtype=np.float64)
+    d = d[~np.isnan(d)]
+    if d.size == 0:
+        return Interval(float(value), float("nan"), float("nan"), level, 0)
+    lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(float(value), float(lo), float(hi), level, int(d.size))
+
+
+def bootstrap(statistic: Callable[[np.ndarray], float], groups, *, reps: int = 1000, level: float = 0.95,
+              seed: int = 0) -> Interval:
+    """Percentile bootstrap over groups (see :func:`bootstrap_indices`) of ``statistic``, which takes an
+    index array into the items (repeats allowed) and returns a number."""
+    indices = bootstrap_indices(groups, reps=reps, seed=seed)
+    value = float(statistic(np.arange(np.asarray(groups).size)))
+    return interval(value, [statistic(i) for i in indices], level)
 
 
 class Logistic:
@@ -193,4 +197,4 @@ class Logistic:
 
 
 __all__ = ["auroc", "auprc", "threshold_at_fpr", "tpr_at_threshold", "roc_curve", "Interval", "bootstrap",
-           "Logistic"]
+           "bootstrap_indices", "interval", "Logistic"]

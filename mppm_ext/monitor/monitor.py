@@ -241,24 +241,29 @@ class EnergyMonitor:
     def run(self, texts: Sequence[str], tokenizer, *, batch_size: int = 8,
             progress: Optional[object] = None) -> list[SequenceRecord]:
         """Monitor a plain forward over ``texts`` (tokenised without special tokens, right-padded batches of
-        ``batch_size``) and return their records (the monitor's own records are left as they were)."""
+        ``batch_size``) and return their records (the monitor's own records are left as they were).
+        ValueError for an empty list or a text shorter than ``window + 1`` tokens."""
         from .calibration import check_texts
 
-        encoded = check_texts(texts, tokenizer, self.window)
-        saved = (self._finished, self._segment, self._call, self._handles)
+        return self.run_ids(check_texts(texts, tokenizer, self.window), batch_size=batch_size, progress=progress)
+
+    def run_ids(self, sequences: Sequence[Sequence[int]], *, batch_size: int = 8,
+                progress: Optional[object] = None) -> list[SequenceRecord]:
+        """:meth:`run` on token id lists; ``progress`` (a tqdm bar) advances by one per sequence."""
+        saved = (self._finished, self._segment, self._call)
         self._finished, self._segment, self._call = [], None, None
         attached_before = bool(self._handles)
+        device = next(self.model.parameters()).device
         try:
             self.attach()
-            for i in range(0, len(encoded), batch_size):
-                group = encoded[i:i + batch_size]
+            for i in range(0, len(sequences), batch_size):
+                group = sequences[i:i + batch_size]
                 width = max(len(x) for x in group)
                 ids = torch.zeros(len(group), width, dtype=torch.int64)
                 mask = torch.zeros(len(group), width, dtype=torch.int64)
                 for row, x in enumerate(group):
-                    ids[row, :len(x)] = torch.tensor(x)
+                    ids[row, :len(x)] = torch.as_tensor(list(x), dtype=torch.int64)
                     mask[row, :len(x)] = 1
-                device = next(self.model.parameters()).device
                 with torch.no_grad():
                     self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
                 self._finish_segment()
@@ -268,7 +273,7 @@ class EnergyMonitor:
         finally:
             if not attached_before:
                 self.detach()
-            self._finished, self._segment, self._call = saved[:3]
+            self._finished, self._segment, self._call = saved
 
     def calibrate(self, texts: Sequence[str], tokenizer, *, batch_size: int = 8, shrinkage: float = 0.1,
                   progress: Optional[object] = None):
