@@ -14,6 +14,7 @@ FEATURES = (
     ("models", ("setup",), "models"),
     ("scan", ("scan", "report", "findings"), "scan,plots"),
     ("steering", ("steer-eval",), "steer"),
+    ("anomaly", ("anomaly-bench",), "scan,plots"),
 )
 
 

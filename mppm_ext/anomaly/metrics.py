@@ -40,8 +40,12 @@ def _ranks(s: np.ndarray) -> np.ndarray:
 def auroc(scores, labels) -> float:
     """Area under the ROC curve: P(score of a positive > score of a negative) + ½ P(tie), the
     Mann-Whitney U statistic over n₊·n₋. NaN when a class is empty."""
-    s, y = _check(scores, labels)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    return _auroc(*_check(scores, labels))
+
+
+def _auroc(s: np.ndarray, y: np.ndarray) -> float:
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
     r = _ranks(s)
@@ -51,7 +55,10 @@ def auroc(scores, labels) -> float:
 def auprc(scores, labels) -> float:
     """Average precision: Σ over distinct thresholds (descending) of (recall step) × precision, the
     step-wise area under the precision-recall curve (no interpolation). NaN without positives."""
-    s, y = _check(scores, labels)
+    return _auprc(*_check(scores, labels))
+
+
+def _auprc(s: np.ndarray, y: np.ndarray) -> float:
     n_pos = int(y.sum())
     if n_pos == 0:
         return float("nan")
@@ -83,6 +90,17 @@ def tpr_at_threshold(scores, labels, threshold: float) -> tuple[float, float]:
     tpr = float(flagged[y].mean()) if y.any() else float("nan")
     fpr = float(flagged[~y].mean()) if (~y).any() else float("nan")
     return tpr, fpr
+
+
+def detection_draws(scores, labels, threshold: float, indices: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(AUROC, AUPRC, TPR of ``score > threshold``) of all items ``[3]`` and of each resample in ``indices``
+    ``[len(indices), 3]`` (checked once, then computed without re-validation)."""
+    s, y = _check(scores, labels)
+
+    def one(ss, yy):
+        return (_auroc(ss, yy), _auprc(ss, yy), float((ss[yy] > threshold).mean()) if yy.any() else float("nan"))
+
+    return np.array(one(s, y)), np.array([one(s[i], y[i]) for i in indices]).reshape(len(indices), 3)
 
 
 def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -197,4 +215,4 @@ class Logistic:
 
 
 __all__ = ["auroc", "auprc", "threshold_at_fpr", "tpr_at_threshold", "roc_curve", "Interval", "bootstrap",
-           "bootstrap_indices", "interval", "Logistic"]
+           "bootstrap_indices", "interval", "detection_draws", "Logistic"]

@@ -173,7 +173,7 @@ class Builder:
             out.append(item)
         return out
 
-    def splice_matched(self, split: str, n: int, rng, pool_factor: int = 3) -> list[Item]:
+    def splice_matched(self, split: str, n: int, rng, pool_factor: int = 2) -> list[Item]:
         hosts = self.host[split].take(n)
         donors = self.donor[split].take(min(len(self.donor[split].items) - self.donor[split].next, n * pool_factor))
         host_s = self.surprisal([h.ids for h in hosts])
