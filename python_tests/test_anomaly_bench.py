@@ -89,4 +89,4 @@ def test_bad_input(tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("a few words")
     assert main(COMMON + ["--host", str(short), "--out", str(tmp_path / "o3")]) == 2
-    assert "no passage of 64 tokens" in capsys.readouterr().err
+    assert "no passage of 48 tokens" in capsys.readouterr().err

@@ -49,11 +49,13 @@ class Settings:
     overhead_tokens: int = 32
 
 
-# Default: 110 per class and split (220 positives, 220 negatives per task) of 96 tokens; measured 2 CPU
-# cores: see the report's "Setup" line for the wall time of the committed run.
-DEFAULT = Settings(n=110, length=96, span=24, continuation=48, window=16, reps=1000, pilot=8)
-# --quick: 25 per class and split of 64 tokens, 200 resamples; a first look and the CI smoke run.
-QUICK = Settings(n=25, length=64, span=16, continuation=32, window=8, reps=200, pilot=4, overhead_tokens=16)
+# Default: 100 per class and split (200 positives, 200 negatives per task) of 64 tokens, the least the
+# issue asks for: about 2 x 93k scored tokens plus 40k for the tasks (see the report's "Setup" line for the
+# measured time of the committed run).
+DEFAULT = Settings(n=100, length=64, span=16, continuation=32, window=8, reps=1000, pilot=8, batch_size=16)
+# --quick: 20 per class and split of 48 tokens, 200 resamples: a first look and the CI smoke run (a quarter
+# of the default's CPU time).
+QUICK = Settings(n=20, length=48, span=12, continuation=24, window=8, reps=200, pilot=4, overhead_tokens=16)
 
 
 @dataclass
@@ -143,7 +145,7 @@ def build_tasks(lm, s: Settings, progress: bool) -> tuple[list, "T.Builder", lis
         return [r["surprisal"] for r in mon.run_ids(seqs, batch_size=s.batch_size)]
 
     builder = T.Builder(lm.tokenizer, host, donor, length=s.length, span=s.span, seed=s.seed, surprisal=surprisal,
-                        sampler=_sampler(lm, s.seed, s.batch_size, s.continuation), continuation=s.continuation)
+                        sampler=_sampler(lm, s.seed, 4 * s.batch_size, s.continuation), continuation=s.continuation)
     bar = _bar(2 * len(T.TASKS), "building tasks", progress)
     items = builder.build(s.n, n_pilot=s.pilot, progress=bar)
     if bar is not None:
@@ -257,6 +259,7 @@ def run(out: Path, model_names: Optional[Sequence[str]], s: Settings, *, quick: 
     overhead = measure_overhead(task_model.loaded, builder.host[T.SPLITS[1]].take(1)[0].ids[:16],
                                 s.overhead_tokens, s.window)
     rows, deltas, curves, timing = [], [], {}, {"build_tasks_s": build_s}
+    text_means = {}  # task model: mean over texts of the text's mean surprisal, positives and negatives
     for entry in entries:
         t0 = time.perf_counter()
         agg = score_texts(entry, texts, calib_texts, s, progress)
@@ -270,6 +273,10 @@ def run(out: Path, model_names: Optional[Sequence[str]], s: Settings, *, quick: 
             split = np.array([it.split for it in task_items])
             cal, test = np.flatnonzero(split == T.SPLITS[0]), np.flatnonzero(split == T.SPLITS[1])
             task_rows, delta, task_curves = evaluate_task(sub, cal, test, y, docs, s.reps, s.seed + k)
+            if entry is task_model:
+                mean_s = sub["surprisal"][:, 2]
+                text_means[task] = dict(positives=float(np.nanmean(mean_s[y == 1])),
+                                        negatives=float(np.nanmean(mean_s[y == 0])))
             common = dict(model=entry.name, trained=entry.trained, control_of=entry.control_of, task=task)
             rows += [{**common, **r} for r in task_rows]
             deltas.append({**common, **delta})
@@ -281,7 +288,8 @@ def run(out: Path, model_names: Optional[Sequence[str]], s: Settings, *, quick: 
         config=dict(asdict(s), quick=quick, fpr=FPR, models=[e.name for e in entries], task_model=task_model.name,
                     missing_trained=[dict(name=n, install=INSTALL_HINT[n]) for n in missing],
                     temperature=builder.temperature, temperature_search=builder.temperature_search,
-                    human_mean_surprisal=getattr(builder, "human_mean_surprisal", None),
+                    human_mean_surprisal=builder.human_mean_surprisal, context_offset=builder.context_offset,
+                    text_mean_surprisal=text_means,
                     n_texts=len(texts)),
         versions=dict(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
                       torch_threads=torch.get_num_threads()),

@@ -67,6 +67,12 @@ def overall(results: dict) -> str:
             text += (f" The random-weight twin ({twin}) gains from the energy features on {len(twin_helps)} of those "
                      f"{len(helps)} tasks" + (f" ({', '.join(twin_helps)}): there the gain is not evidence of "
                                               "trained mechanics" if twin_helps else "") + ".")
+        if twin is not None:
+            twin_all = [t for t in T.TASKS if _delta(results, twin, t)["verdict"] == "helps"]
+            text += (f" On its own, the twin gains from the energy features on {len(twin_all)} of {len(T.TASKS)} tasks"
+                     + (f" ({', '.join(twin_all)}): with random weights the state steps still follow the tokens "
+                        "(repeated or shuffled tokens give repeated or unusual steps), so such gains measure the "
+                        "text, not trained mechanics" if twin_all else "") + ".")
         answer = ("**Overall: the energy is a useful second signal next to perplexity on some tasks.**" if helps
                   else "**Overall: the energy adds nothing detectable to perplexity as an anomaly detector here.**")
         parts.append(text + " " + answer)
@@ -114,10 +120,18 @@ def construction_checks(results: dict, model: str) -> list[str]:
     out.append(f"Spliced spans score **{lk['direction']}** log K than natural text (direction fixed on calibration; "
                f"test AUROC {_ci(lk, 'auroc')}).")
     cfg = results["config"]
-    out.append(f"Sampled continuations: temperature {cfg['temperature']} (top-p 0.95) gave the sampled mean surprisal "
-               "nearest the human continuations' " + _f(cfg["human_mean_surprisal"], 2) + " nats/token; the search: "
+    if cfg.get("context_offset") is not None:
+        out.append(f"The matched splice lowered each target by the measured context offset: a donor span is "
+                   f"{_f(cfg['context_offset'], 2)} nats/token more surprising spliced in than in its own document.")
+    out.append(f"Sampled continuations: temperature {cfg['temperature']} (top-p 0.95), interpolated from the search "
                + ", ".join(f"τ = {r['temperature']}: {_f(r['mean_surprisal'], 2)}" for r in cfg["temperature_search"])
-               + ".")
+               + " nats/token on the pilot prompts, to match the human continuations' "
+               + _f(cfg["human_mean_surprisal"], 2) + " nats/token.")
+    tm = cfg.get("text_mean_surprisal") or {}
+    if tm:
+        out.append("Mean surprisal per text under " + cfg["task_model"] + " (anomalous / natural): "
+                   + ", ".join(f"{t} {_f(v['positives'], 2)} / {_f(v['negatives'], 2)}" for t, v in tm.items()) + ".")
+    return out
     return out
 
 

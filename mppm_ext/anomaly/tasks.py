@@ -140,6 +140,8 @@ class Builder:
         self.surprisal, self.sampler, self.continuation = surprisal, sampler, continuation
         self.temperature: Optional[float] = None
         self.temperature_search: list = []
+        self.human_mean_surprisal: Optional[float] = None
+        self.context_offset: Optional[float] = None  # splice_matched: in-context minus own-context surprisal
 
     # ---------------------------------------------------------------------------------- helpers
 
@@ -182,15 +184,20 @@ class Builder:
         # (position t scores token t + 1, so the span's tokens b..b+span-1 are scored at t = b-1 .. b+span-2).
         cands = [(i, b, float(np.nanmean(s[b - 1:b + self.span - 1])))
                  for i, s in enumerate(donor_s) for b in range(1, len(s) - self.span, max(1, self.span // 2))]
-        used = np.zeros(len(cands), dtype=bool)
         means = np.array([c[2] for c in cands])
+        starts = [self._start(rng) for _ in hosts]
+        targets = np.array([np.nanmean(s[a - 1:a + self.span - 1]) for a, s in zip(starts, host_s)])
+        # A span is more surprising in a foreign context than in its own: pick once, measure that offset on
+        # the spliced texts, and pick again for the targets lowered by it.
+        picks = self._pick(means, targets)
+        pieces = [[h.ids[:a], donors[cands[j][0]].ids[cands[j][1]:cands[j][1] + self.span], h.ids[a + self.span:]]
+                  for h, a, j in zip(hosts, starts, picks)]
+        in_context = self.surprisal([sum(p, []) for p in pieces])
+        got = np.array([np.nanmean(s[a - 1:a + self.span - 1]) for a, s in zip(starts, in_context)])
+        self.context_offset = float(np.nanmean(got - means[picks]))
+        picks = self._pick(means, targets - self.context_offset)
         out = []
-        for host, s in zip(hosts, host_s):
-            a = self._start(rng)
-            target = float(np.nanmean(s[a - 1:a + self.span - 1]))
-            gap = np.where(used, np.inf, np.abs(means - target))
-            j = int(np.argmin(gap))
-            used[j] = True  # each candidate at most once
+        for host, a, j in zip(hosts, starts, picks):
             i, b, _ = cands[j]
             item = self._item("splice_matched", host, [host.ids[:a], donors[i].ids[b:b + self.span],
                                                        host.ids[a + self.span:]], 1)
@@ -198,10 +205,21 @@ class Builder:
             out.append(item)
         return out
 
+    @staticmethod
+    def _pick(means: np.ndarray, targets: np.ndarray) -> list:
+        """For each target in turn, the unused candidate whose mean is nearest (each candidate once)."""
+        used = np.zeros(means.size, dtype=bool)
+        picks = []
+        for target in targets:
+            j = int(np.argmin(np.where(used, np.inf, np.abs(means - target))))
+            used[j] = True
+            picks.append(j)
+        return picks
+
     def choose_temperature(self, n_pilot: int, grid: Sequence[float]) -> float:
-        """The temperature of ``grid`` whose samples' mean surprisal (under the model, at temperature 1) is
-        nearest that of the human continuations of ``n_pilot`` calibration passages (taken from the pool,
-        not reused)."""
+        """The temperature whose samples' mean surprisal (under the model, at temperature 1) matches that of
+        the human continuations of ``n_pilot`` calibration passages (taken from the pool, not reused):
+        interpolated between the ``grid`` temperatures that bracket it (see :func:`interpolate_temperature`)."""
         pilot = self.host[SPLITS[0]].take(n_pilot)
         prompt_len = self.length - self.continuation
         human = self.surprisal([p.ids for p in pilot])
@@ -213,8 +231,7 @@ class Builder:
             mean = float(np.nanmean([np.nanmean(x[prompt_len - 1:-1]) for x in s]))
             self.temperature_search.append(dict(temperature=temperature, mean_surprisal=mean))
         self.human_mean_surprisal = target
-        best = min(self.temperature_search, key=lambda r: abs(r["mean_surprisal"] - target))
-        self.temperature = best["temperature"]
+        self.temperature = interpolate_temperature(self.temperature_search, target)
         return self.temperature
 
     def sampled(self, split: str, n: int, rng) -> list[Item]:
@@ -261,7 +278,7 @@ class Builder:
         return out
 
     def build(self, n_per_split: int, tasks: Sequence[str] = TASKS, *, n_pilot: int = 8,
-              grid: Sequence[float] = (0.7, 0.85, 1.0, 1.15, 1.3), progress: Optional[object] = None) -> list[Item]:
+              grid: Sequence[float] = (0.9, 1.0, 1.1, 1.2, 1.3), progress: Optional[object] = None) -> list[Item]:
         """Negatives (shared by every task) and each task's positives, ``n_per_split`` of each per split."""
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
@@ -277,6 +294,16 @@ class Builder:
                 if progress is not None:
                     progress.update(1)
         return items
+
+
+def interpolate_temperature(search: list, target: float) -> float:
+    """Linear interpolation of temperature against sampled mean surprisal between the two grid points
+    that bracket ``target`` (rounded to 0.01); the nearest grid point when none bracket it."""
+    pts = sorted((r["mean_surprisal"], r["temperature"]) for r in search)
+    for (s0, t0), (s1, t1) in zip(pts, pts[1:]):
+        if s0 <= target <= s1 and s1 > s0:
+            return round(t0 + (target - s0) / (s1 - s0) * (t1 - t0), 2)
+    return min(pts, key=lambda p: abs(p[0] - target))[1]
 
 
 def items_for(items: Sequence[Item], task: str) -> list[Item]:
