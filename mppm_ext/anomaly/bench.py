@@ -47,6 +47,7 @@ class Settings:
     donors: tuple = ("moby-dick", "lee")
     seed: int = 0
     overhead_tokens: int = 32
+    grid: tuple = (0.9, 1.0, 1.1, 1.2, 1.3)  # pilot temperatures of the sampled task
 
 
 # Default: 100 per class and split (200 positives, 200 negatives per task) of 64 tokens, the least the
@@ -55,7 +56,8 @@ class Settings:
 DEFAULT = Settings(n=100, length=64, span=16, continuation=32, window=8, reps=1000, pilot=8, batch_size=16)
 # --quick: 20 per class and split of 48 tokens, 200 resamples: a first look and the CI smoke run (a quarter
 # of the default's CPU time).
-QUICK = Settings(n=20, length=48, span=12, continuation=24, window=8, reps=200, pilot=4, overhead_tokens=16)
+QUICK = Settings(n=20, length=48, span=12, continuation=24, window=8, reps=200, pilot=4, overhead_tokens=16,
+                 grid=(0.9, 1.1, 1.3))
 
 
 @dataclass
@@ -147,7 +149,7 @@ def build_tasks(lm, s: Settings, progress: bool) -> tuple[list, "T.Builder", lis
     builder = T.Builder(lm.tokenizer, host, donor, length=s.length, span=s.span, seed=s.seed, surprisal=surprisal,
                         sampler=_sampler(lm, s.seed, 4 * s.batch_size, s.continuation), continuation=s.continuation)
     bar = _bar(2 * len(T.TASKS), "building tasks", progress)
-    items = builder.build(s.n, n_pilot=s.pilot, progress=bar)
+    items = builder.build(s.n, n_pilot=s.pilot, grid=s.grid, progress=bar)
     if bar is not None:
         bar.close()
     calib = [lm.tokenizer.decode(p.ids) for p in builder.host[T.SPLITS[0]].take(max(8, s.n // 2))]

@@ -214,3 +214,33 @@ def plot_rocs(curves: dict, results: dict, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / f"roc_{task}.png", dpi=110)
         plt.close(fig)
+
+
+def main(argv=None) -> int:
+    """``python -m mppm_ext.anomaly.report DIR``: rewrite DIR/report.md from DIR/results.json (the PNGs
+    are left as they are)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m mppm_ext.anomaly.report", description=main.__doc__)
+    parser.add_argument("dir", type=Path, help="an anomaly-bench output directory")
+    args = parser.parse_args(argv)
+    results = json.loads((args.dir / "results.json").read_text())
+    write_report(_nan(results), args.dir / "report.md")
+    print(f"wrote {args.dir / 'report.md'}")
+    return 0
+
+
+def _nan(x):
+    """results.json's None (JSON has no NaN) back to NaN."""
+    if x is None:
+        return float("nan")
+    if isinstance(x, dict):
+        return {k: _nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan(v) for v in x]
+    return x
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -18,9 +18,11 @@ import numpy as np
 from ..anomaly.metrics import threshold_at_fpr
 from .records import FEATURES, ROLLING_FEATURES, SequenceRecord, rolling
 
-#: Features of the default anomaly score: the energy ones and the two baselines next to them.
-DEFAULT_SCORE_FEATURES = ("surprisal", "entropy", "log_kinetic", "log_energy", "rolling_cv_log_kinetic",
-                          "rolling_corr_log_kinetic_surprisal")
+#: Features of the default anomaly score. The maximum over more features needs a higher threshold for the
+#: same false-positive rate: with SmolLM2-135M, surprisal, entropy, log K, log E and the two rolling
+#: statistics together flagged none of an injected instruction's windows at 1% FPR, where surprisal and
+#: log E flagged 8 (README, "Energy monitor"); docs/anomaly/report.md measures what each feature adds.
+DEFAULT_SCORE_FEATURES = ("surprisal", "log_energy")
 
 
 def check_texts(texts, tokenizer, window: int) -> list[list[int]]:
