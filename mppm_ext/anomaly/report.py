@@ -73,8 +73,16 @@ def overall(results: dict) -> str:
                      + (f" ({', '.join(twin_all)}): with random weights the state steps still follow the tokens "
                         "(repeated or shuffled tokens give repeated or unusual steps), so such gains measure the "
                         "text, not trained mechanics" if twin_all else "") + ".")
-        answer = ("**Overall: the energy is a useful second signal next to perplexity on some tasks.**" if helps
-                  else "**Overall: the energy adds nothing detectable to perplexity as an anomaly detector here.**")
+        specific = [t for t in helps if twin is None or _delta(results, twin, t)["verdict"] != "helps"]
+        if not helps:
+            answer = "**Overall: the energy adds nothing detectable to perplexity as an anomaly detector here.**"
+        elif not specific:
+            answer = (f"**Overall: the energy adds to surprisal + entropy only on {', '.join(helps)}, where the random "
+                      "twin gains as well, so the gain is not specific to trained mechanics; on the other tasks it "
+                      "adds nothing detectable.**")
+        else:
+            answer = (f"**Overall: the energy is a second signal next to perplexity on {', '.join(specific)}, where "
+                      "the random twin does not gain; on the other tasks it adds nothing detectable.**")
         parts.append(text + " " + answer)
     return "\n\n".join(parts)
 
