@@ -18,6 +18,7 @@ FEATURES = (
     ("models", ("setup",), "models"),
     ("scan", ("scan", "report", "findings"), "scan,plots"),
     ("steering", ("steer-eval", "steer-bench"), "steer"),
+    ("anomaly", ("anomaly-bench",), "scan,plots"),
 )
 
 

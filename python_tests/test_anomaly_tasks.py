@@ -1,0 +1,147 @@
+"""Task builders: labels and character spans are right, every split has its count, no host or donor
+document is in both splits, the matched splice picks the nearest-surprisal span, bad corpora raise."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+
+from mppm_ext.anomaly import tasks as T  # noqa: E402
+from mppm_ext.models.tokenizer import byte_tokenizer  # noqa: E402
+
+LENGTH, SPAN, CONT = 48, 10, 20
+
+
+def docs(prefix: str, n: int, size: int = 400) -> list[str]:
+    rng = np.random.default_rng(len(prefix) + n)
+    words = ["alpha", "beta", "gamma", "delta", "sea", "ship", "wind", "stone", "fire."]
+    return [f"{prefix}{d} " + " ".join(rng.choice(words, size // 5)) for d in range(n)]
+
+
+def fake_surprisal(seqs):
+    """Surprisal of token t+1 = its byte value / 10 (known, so the matched choice can be checked)."""
+    return [np.r_[np.asarray(s[1:], dtype=float) / 10, np.nan] for s in seqs]
+
+
+def fake_sampler(prompts, temperature):
+    return [[ord("z")] * CONT if temperature > 1 else [ord("a")] * CONT for _ in prompts]
+
+
+@pytest.fixture(scope="module")
+def built():
+    tok = byte_tokenizer()
+    host = T.passages(tok, docs("host", 30), "host", LENGTH, seed=1)
+    donor = T.passages(tok, docs("donor", 30), "donor", LENGTH, seed=2)
+    b = T.Builder(tok, host, donor, length=LENGTH, span=SPAN, seed=0, surprisal=fake_surprisal,
+                  sampler=fake_sampler, continuation=CONT)
+    items = b.build(6, n_pilot=3, grid=(0.5, 1.5))
+    return tok, b, host, donor, items
+
+
+def test_counts_labels_and_splits(built):
+    tok, b, host, donor, items = built
+    for split in T.SPLITS:
+        assert sum(it.label == 0 and it.split == split for it in items) == 6
+        for task in T.TASKS:
+            group = [it for it in items if it.task == task and it.split == split]
+            assert len(group) == 6 and all(it.label == 1 and it.span is not None for it in group)
+    assert all(it.span is None for it in items if it.label == 0)
+    host_split = {}
+    for it in items:
+        assert host_split.setdefault(it.doc, it.split) == it.split, f"{it.doc} in both splits"
+    donor_split = {}
+    for it in items:
+        if it.source is not None:
+            assert donor_split.setdefault(it.source, it.split) == it.split
+    assert donor_split, "spliced items record their donor document"
+    for split in T.SPLITS:  # the passages themselves respect the document split
+        assert {p.split for p in host[split]} == {split}
+
+
+def test_spans_point_at_the_anomaly(built):
+    tok, b, host, donor, items = built
+    by_task = {t: [it for it in items if it.task == t] for t in T.TASKS}
+    for it in by_task["splice"] + by_task["splice_matched"]:
+        s, e = it.span
+        assert e - s == SPAN  # byte tokens: one character per token
+        donor_texts = [tok.decode(p.ids) for p in donor[it.split] if p.doc == it.source]
+        assert any(it.text[s:e] in d for d in donor_texts), "the span is a piece of its donor document"
+        assert it.text[s:e] not in it.text[:s] + it.text[e:]  # and not of the host passage around it
+    for it in by_task["repetition"]:
+        s, e = it.span
+        loop = it.text[s:e]
+        period = next(r for r in range(4, 9) if it.text[s - r:s] == loop[:r])
+        assert loop == (it.text[s - period:s] * 9)[:SPAN]
+    for it in by_task["injection"]:
+        s, e = it.span
+        inj = it.text[s:e].strip()
+        templates = T.INJECTIONS[0::2] if it.split == "calibration" else T.INJECTIONS[1::2]
+        assert any(inj.startswith(t.split("{act}")[0].strip()[:12]) for t in templates), inj
+        assert len(tok.encode(it.text, add_special_tokens=False)) <= LENGTH + len(inj) + 1
+    for it in by_task["shuffle"]:
+        s, e = it.span
+        assert e - s == SPAN
+        original = next(p for split in T.SPLITS for p in host[split] if p.doc == it.doc
+                        and tok.decode(p.ids)[:s] == it.text[:s] and tok.decode(p.ids)[e:] == it.text[e:])
+        assert sorted(tok.decode(original.ids)[s:e]) == sorted(it.text[s:e])
+    for it in by_task["sampled"]:
+        s, e = it.span
+        assert e == len(it.text) and it.text[s:e] == "a" * CONT  # temperature 0.5 matched the human text
+
+
+def test_matched_splice_picks_nearest_surprisal(built):
+    tok, b, host, donor, items = built
+    # Under the fake model a span's mean surprisal is the mean byte value of its tokens / 10 (as scored in
+    # its own context); the chosen span should be far closer to the replaced host tokens than a random one.
+    gaps, random_gaps = [], []
+    rng = np.random.default_rng(0)
+    for it in (it for it in items if it.task == "splice_matched"):
+        s, e = it.span
+        hostp = next(p for split in T.SPLITS for p in host[split] if p.doc == it.doc and tok.decode(p.ids)[:s] == it.text[:s])
+        replaced = np.mean(hostp.ids[s:e]) / 10
+        gaps.append(abs(np.mean([ord(c) for c in it.text[s:e]]) / 10 - replaced))
+        d = donor[it.split][int(rng.integers(len(donor[it.split])))].ids
+        random_gaps.append(abs(np.mean(d[:SPAN]) / 10 - replaced))
+    assert np.mean(gaps) < 0.5 * np.mean(random_gaps)
+
+
+def test_temperature_search_and_jsonl(built, tmp_path):
+    tok, b, host, donor, items = built
+    assert b.temperature == 0.5 and len(b.temperature_search) == 2
+    path = tmp_path / "tasks.jsonl"
+    T.write_jsonl(items, path, T.TASKS)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == len(T.TASKS) * 4 * 6
+    assert set(rows[0]) >= {"task", "doc", "text", "label", "span"}
+    assert {r["task"] for r in rows} == set(T.TASKS)
+
+
+def test_bad_corpora():
+    tok = byte_tokenizer()
+    with pytest.raises(ValueError, match="is empty"):
+        T.passages(tok, [], "empty", LENGTH, seed=0)
+    with pytest.raises(ValueError, match="no passage of 48 tokens"):
+        T.passages(tok, ["short text", "another short one"], "short", LENGTH, seed=0)
+    host = T.passages(tok, docs("host", 4), "host", LENGTH, seed=1)
+    b = T.Builder(tok, host, host, length=LENGTH, span=SPAN, seed=0, surprisal=fake_surprisal,
+                  sampler=fake_sampler, continuation=CONT)
+    with pytest.raises(ValueError, match="needs .* passages, the corpus gives"):
+        b.build(100, tasks=("shuffle",))
+    with pytest.raises(ValueError, match="unknown tasks"):
+        b.build(1, tasks=("nope",))
+    with pytest.raises(ValueError, match="span must be"):
+        T.Builder(tok, host, host, length=LENGTH, span=40, seed=0, surprisal=fake_surprisal,
+                  sampler=fake_sampler, continuation=CONT)
+
+
+def test_interpolate_temperature():
+    search = [dict(temperature=0.9, mean_surprisal=3.0), dict(temperature=1.1, mean_surprisal=4.0),
+              dict(temperature=1.3, mean_surprisal=6.0)]
+    assert T.interpolate_temperature(search, 3.5) == 1.0
+    assert T.interpolate_temperature(search, 5.0) == 1.2
+    assert T.interpolate_temperature(search, 9.0) == 1.3  # outside the grid: the nearest end
+    assert T.interpolate_temperature(search, 1.0) == 0.9
