@@ -4,6 +4,7 @@ random weights give nearly flat logits, where float32 near-ties are common."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 WORDS = ("the sea is calm and blue today while a ship sails far from home under grey sky "
@@ -52,3 +53,15 @@ def tiny_model_dir(path):
     tiny_model("llama").float().save_pretrained(path)
     word_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The word-level tokenizer, once per test module."""
+    return word_tokenizer()
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def model(request):
+    """A tiny float64 model of each family, once per test module."""
+    return tiny_model(request.param)

@@ -10,23 +10,13 @@ import torch
 
 pytest.importorskip("transformers")
 
-from gen_fixtures import tiny_model, word_tokenizer  # noqa: E402
+from gen_fixtures import model, tiny_model, tok  # noqa: E402,F401 (model, tok: pytest fixtures)
 
 from mppm_ext import reference  # noqa: E402
 from mppm_ext.steering.generate import (RECORD_FIELDS, StepDelta, _unsteered, steered_generate)  # noqa: E402
 
 PROMPTS = ["the sea is", "a ship sails far from home under grey", "wind"]
 TARGETS = ["storm", "fire"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return word_tokenizer()
-
-
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def model(request):
-    return tiny_model(request.param)
 
 
 def fixed_delta(scale: float = 0.7):

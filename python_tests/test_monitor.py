@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from gen_fixtures import tiny_model, word_tokenizer  # noqa: E402
+from gen_fixtures import model, tok  # noqa: E402,F401 (pytest fixtures)
 
 from mppm_ext import reference  # noqa: E402
 from mppm_ext.models import capture  # noqa: E402
@@ -23,16 +23,6 @@ TEXTS = ["the sea is calm and blue today while a ship sails far from home",
 # Monitored states pass through float32 (the compiled ops' dtype): agreement with the float64 truth is
 # to float32 rounding of h and of the log-softmax (|s| <= ~20 here).
 TOL = dict(rtol=1e-5, atol=2e-5)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return word_tokenizer()
-
-
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def model(request):
-    return tiny_model(request.param)
 
 
 def encode(tok, texts):
