@@ -20,13 +20,16 @@ WINDOWS, T = 12, 48
 
 def _model_tokens(rng, model: str, kind: str, variant: str = "base") -> dict:
     """One model's token rows: 'conserved' has log K = 3 - s + small noise (E nearly constant), 'free' has
-    log K independent of s, 'pinned' has s near log V = 10 (a random model's signature)."""
+    log K independent of s, 'pinned' has s near log V = 10 (a random model's signature). The entropy H is
+    independent of log K except for 'free', where log K + H = 8 + small noise (conserved with H as the
+    potential)."""
     n = WINDOWS * T
     if kind == "pinned":
         s = 10 + 0.05 * rng.standard_normal(n)
     else:
         s = rng.gamma(2.0, 1.5, n)
     log_k = 3 - s + 0.05 * rng.standard_normal(n) if kind == "conserved" else 5 + 0.6 * rng.standard_normal(n)
+    h = 8 - log_k + 0.05 * rng.standard_normal(n) if kind == "free" else rng.gamma(3.0, 1.0, n)
     t = np.tile(np.arange(T), WINDOWS)
     lp, kin = -s, np.exp(log_k)
     # The energy is undefined at the first and last positions of a window (as in a real scan).
@@ -38,7 +41,8 @@ def _model_tokens(rng, model: str, kind: str, variant: str = "base") -> dict:
             "window": np.repeat(np.arange(WINDOWS), T), "document": np.repeat(np.arange(WINDOWS), T),
             "position": t, "t": t, "token": rng.integers(0, 50, n), "log_prob": lp, "surprisal": -lp,
             "kinetic": kin, "log_kinetic": q["log_kinetic"], "log_energy": q["log_energy"],
-            "additive_energy": q["additive_energy"], "log_lagrangian": q["log_lagrangian"], "valid": ~edge}
+            "additive_energy": q["additive_energy"], "log_lagrangian": q["log_lagrangian"], "entropy": np.where(t == T - 1, np.nan, h),
+            "valid": ~edge}
 
 
 MODELS = (("cons", True, "conserved"), ("free", True, "free"), ("random:x@smollm2-135m", False, "pinned"))
@@ -94,6 +98,16 @@ def test_sample_statistics_match_a_direct_computation(saved):
         both.append(tk["kinetic"][rw] * np.exp(tk["surprisal"][rw]))
     both = np.concatenate(both)
     assert r.get("free", "pooled_cv_energy")[0] == pytest.approx(both.std() / both.mean(), rel=1e-12)
+    # The entropy reading: H's mean, and std(log K + H) / sqrt(std^2(log K) + std^2(H)) per window.
+    h = tok["entropy"][rows]
+    assert r.get("free", "pooled_mean_entropy", scope="c1")[0] == pytest.approx(h.mean(), rel=1e-12)
+    lk = tok["log_kinetic"][rows]
+    ratios = [(lk[w == i] + h[w == i]).std() / np.hypot(lk[w == i].std(), h[w == i].std()) for i in np.unique(w)]
+    got = r.get("free", "seq_std_ratio_entropy", scope="c1")[0]
+    # The per-window stds average before the ratio is taken (as for std(log E)), not the ratios.
+    want = np.mean([(lk[w == i] + h[w == i]).std() for i in np.unique(w)]) / np.hypot(
+        np.mean([lk[w == i].std() for i in np.unique(w)]), np.mean([h[w == i].std() for i in np.unique(w)]))
+    assert got == pytest.approx(want, rel=1e-10) and got < 0.2 and max(ratios) < 0.3
 
 
 def test_bootstrap_interval_covers_and_is_seeded(saved):
@@ -148,6 +162,10 @@ def test_report_verdicts_follow_from_the_printed_intervals(saved, tmp_path):
     # ℓ = log K - s: the conserved model's ℓ sits at 3 with a tiny spread; the free one's CV is undefined or not.
     assert "**1. Is E conserved (CV(E) below both CV(K) and CV(PPL))?** **Not for every model.**" in text
     assert "for 1 of 3 models" in text
+    # The entropy as the potential: only 'free' has log K + H nearly constant.
+    paper = text.split("predictive entropy H, nats (mean)")[1]
+    assert "far below 1 (< 0.5, whole interval) for 1 of them (1 yes, 2 no)" in paper
+    assert "conserves it for 1 of 3 models" in paper
     # Every number is printed with at most 3 significant digits (no 16-digit floats).
     assert not re.search(r"\d\.\d{6,}", text)
     # Every local link resolves from the report's folder.

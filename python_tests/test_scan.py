@@ -53,7 +53,7 @@ def test_parts_equal_a_direct_energy_call_on_the_same_windows(name):
     split = split_windows(loaded.tokenizer, DOCS, 23)
     assert model.dropped_short == split.dropped_short >= 1
     assert [w.index for w in model.windows] == [w.index for w in split.scan]
-    toks, lp, kin = model.parts[BASE]
+    toks, lp, kin, ent = model.parts[BASE]
     row = 0
     per_window_cv = []
     weight, bias = models.unembedding(loaded.model)
@@ -65,6 +65,7 @@ def test_parts_equal_a_direct_energy_call_on_the_same_windows(name):
             assert toks[row, :n].tolist() == list(w.tokens)
             exact(lp[row, :n], direct.log_prob[b, :n].double())
             exact(kin[row, :n], direct.kinetic[b, :n].double())
+            exact(ent[row, :n], direct.entropy[b, :n].double())
             if int(direct.stats.count[b]) >= 2:
                 per_window_cv.append(direct.stats.cv["log_energy"][b].double())
             row += 1
@@ -151,10 +152,11 @@ def test_pre_norm_and_layer_controls_use_those_states(llama):
     # layer -1.
     for variant, state in ((PRE_NORM, pre), (layer_variant(1), layer1), (layer_variant("mid"), layer1),
                            (layer_variant(-1), pre)):
-        _, lp, kin = model.parts[variant]
+        _, lp, kin, ent = model.parts[variant]
         want = reference.kinetic(state.double(), real)
         assert torch.allclose(kin, want[:, :kin.shape[1]], rtol=1e-12, atol=0, equal_nan=True), variant
         exact(lp, model.parts[BASE][1])  # the variants keep the base prediction
+        exact(ent, model.parts[BASE][3])
     assert not torch.allclose(model.parts[PRE_NORM][2].nan_to_num(), model.parts[BASE][2].nan_to_num())
     # "final" is the base state; its kinetic is the float64 one of the same state (the base's comes from the
     # fused op, in float32 lanes).
@@ -182,8 +184,8 @@ def test_token_mean_of_one_repeated_token_leaves_the_steps_unchanged():
     result = scan("random:gpt2-tiny", docs=["z" * 300], window=20, controls=("token-mean",))
     model = result.models[0]
     assert model.coverage == 1.0
-    _, _, base = model.parts[BASE]
-    _, _, sub = model.parts[TOKEN_MEAN]
+    _, _, base, _ = model.parts[BASE]
+    _, _, sub, _ = model.parts[TOKEN_MEAN]
     assert float(base.nan_to_num().max()) > 0
     assert torch.allclose(sub, base, rtol=1e-4, atol=1e-6, equal_nan=True)
     # The held-out windows (index % 5 == 4) are not scanned.
@@ -192,8 +194,8 @@ def test_token_mean_of_one_repeated_token_leaves_the_steps_unchanged():
 
 def test_token_mean_changes_the_steps_between_different_tokens():
     result = scan("random:gpt2-tiny", docs=["ab" * 150], window=20, controls=("token-mean",))
-    _, _, base = result.models[0].parts[BASE]
-    _, _, sub = result.models[0].parts[TOKEN_MEAN]
+    _, _, base, _ = result.models[0].parts[BASE]
+    _, _, sub, _ = result.models[0].parts[TOKEN_MEAN]
     assert not torch.allclose(sub.nan_to_num(), base.nan_to_num(), rtol=1e-3)
 
 

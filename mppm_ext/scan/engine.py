@@ -70,12 +70,12 @@ class ScanConfig:
 @dataclass
 class ModelScan:
     """One scanned model (merged over ranks). ``parts[variant]`` = (tokens [N, T] int64 with -1 padding,
-    log_prob [N, T] float64, kinetic [N, T] float64), rows in window order; ``windows`` the Window records."""
+    log_prob, kinetic, entropy [N, T] float64), rows in window order; ``windows`` the Window records."""
 
     label: str
     info: dict
     windows: list[Window]
-    parts: dict[str, tuple[Tensor, Tensor, Tensor]]
+    parts: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]]
     timing: dict
     coverage: Optional[float] = None
     dropped_short: int = 0
@@ -139,7 +139,7 @@ def _token_means(ctx: D.Context, handle: ModelHandle, heldout: Sequence[Window],
 
 def _scan_part(ctx: D.Context, handle: ModelHandle, windows: Sequence[Window], plan: StatePlan, cfg: ScanConfig,
                desc: str, rename: Optional[str] = None) -> dict:
-    """This rank's share: {"rows": {variant: [(window index, tokens, log_prob [n], kinetic [n])]}, seconds in
+    """This rank's share: {"rows": {variant: [(window index, tokens, log_prob [n], kinetic [n], entropy [n])]}, seconds in
     the forward passes and in the energy, tokens forwarded}."""
     rows: dict[str, list] = {}
     forward_s = energy_s = 0.0
@@ -150,16 +150,16 @@ def _scan_part(ctx: D.Context, handle: ModelHandle, windows: Sequence[Window], p
         forward_s += out.forward_s
         energy_s += out.energy_s
         tokens += batch.num_tokens
-        for variant, (lp, kin) in out.parts.items():
+        for variant, values in out.parts.items():
             target = rows.setdefault(rename or variant, [])
             for row, w in enumerate(batch.windows):
                 n = len(w.tokens)
-                target.append((w.index, w.tokens, lp[row, :n].clone(), kin[row, :n].clone()))
+                target.append((w.index, w.tokens, *(v[row, :n].clone() for v in values)))
     return {"rows": rows, "forward_s": forward_s, "energy_s": energy_s, "tokens": tokens}
 
 
 def _merge(parts: list[dict]) -> tuple[dict, dict]:
-    """Rank parts -> ({variant: (tokens, log_prob, kinetic) [N, T]}, timing) in window order."""
+    """Rank parts -> ({variant: (tokens, log_prob, kinetic, entropy) [N, T]}, timing) in window order."""
     variants: dict[str, list] = {}
     timing = {"forward_s": 0.0, "energy_s": 0.0, "tokens": 0}
     for part in parts:
@@ -172,13 +172,13 @@ def _merge(parts: list[dict]) -> tuple[dict, dict]:
         rows.sort(key=lambda r: r[0])
         T = max(len(r[1]) for r in rows)
         toks = torch.full((len(rows), T), -1, dtype=torch.int64)
-        lp = torch.full((len(rows), T), float("nan"), dtype=torch.float64)
-        kin = torch.full_like(lp, float("nan"))
-        for i, (_, tokens, l, k) in enumerate(rows):
+        values = [torch.full((len(rows), T), float("nan"), dtype=torch.float64) for _ in rows[0][2:]]
+        for i, (_, tokens, *row) in enumerate(rows):
             n = len(tokens)
             toks[i, :n] = torch.tensor(tokens, dtype=torch.int64)
-            lp[i, :n], kin[i, :n] = l, k
-        merged[variant] = (toks, lp, kin)
+            for v, r in zip(values, row):
+                v[i, :n] = r
+        merged[variant] = (toks, *values)
     return merged, timing
 
 
@@ -220,9 +220,10 @@ def summary_rows(scan: ModelScan, cfg: ScanConfig) -> tuple[list[dict], list[dic
     """Summary, quantile and histogram rows of one model: one per (variant, pairing)."""
     per_1k = 1000.0 / max(scan.timing["tokens"], 1)
     rows, quantiles, histograms = [], [], []
-    for variant, (toks, lp, kin) in scan.parts.items():
+    for variant, (toks, lp, kin, ent) in scan.parts.items():
         for pairing in PAIRINGS:
             row, q, h = summarize(lp, kin, pairing)
+            row["pooled_mean_entropy"] = float(ent[ent.isfinite()].mean()) if ent.isfinite().any() else math.nan
             key = {"model": scan.label, "variant": variant, "pairing": pairing}
             rows.append({**key, "family": scan.info["family"], "trained": scan.info["trained"],
                          "params": scan.info["params"], "vocab": scan.info["vocab"],

@@ -28,8 +28,10 @@ DEFAULT_TRAINED = ("smollm2-135m", "gemma3-270m")
 #: every random-weight model sees the token sequences the trained one sees; one byte-level model stays as
 #: the control of the earlier runs' set-up (the text the families read then differed, not only the weights).
 READER = "smollm2-135m"
-DEFAULT_RANDOM = tuple(f"random:{m}@{READER}" for m in ("llama-135m", "gpt2-124m", "pythia-160m", "opt-125m",
-                                                        "gemma3-270m", "qwen2-0.5b")) + ("random:llama-135m",)
+# Llama-135M is SmolLM2-135M's architecture, so on SmolLM2's tokens it is the trained model's random twin
+# already scanned (same config, same tokens): only its byte-level variant is added.
+DEFAULT_RANDOM = tuple(f"random:{m}@{READER}" for m in ("gpt2-124m", "pythia-160m", "opt-125m", "gemma3-270m",
+                                                        "qwen2-0.5b")) + ("random:llama-135m",)
 #: Scanned separately; "tiny" ships with the package, the others come with ``mppm setup``.
 DEFAULT_CORPORA = ("tiny", "sotu", "moby-dick", "lee")
 DEFAULT_WINDOW = 256

@@ -379,14 +379,19 @@ def answer_paper(r: Run) -> str:
         ("mean s, bits", lambda m: tuple(x / math.log(2) for x in I.interval(r.get(m, "pooled_mean_surprisal")))),
         ("median s (pooled; range over corpora, no bootstrap)", lambda m: _median_s(r, m)),
     ]
+    entropy = [m for m in r.models if r.get(m, "pooled_mean_entropy") is not None]
+    if entropy:
+        candidates.append(("predictive entropy H, nats (mean)",
+                           lambda m: I.interval(r.get(m, "pooled_mean_entropy"))))
     matches = []
     for label, fn in candidates:
         sp = {k: span(v, fn) for k, v in groups.items()}
         ok = [inside(sp[k], PAPER_POTENTIAL[k]) for k in ("trained", "random") if groups[k]]
-        matches.append((label, ok))
+        above = all(sp[k][0] > PAPER_POTENTIAL[k][1] for k in ("trained", "random") if groups[k])
+        matches.append((label, ok, above))
         rows.append([f"potential as {label}", "0.2 – 2.5 / 6 – 8", f"{fmt(sp['trained'][0])} – {fmt(sp['trained'][1])}",
                      f"{fmt(sp['random'][0])} – {fmt(sp['random'][1])}", " / ".join(ok)])
-    fits = [label for label, ok in matches if all(o == "yes" for o in ok)]
+    fits = [label for label, ok, _ in matches if all(o == "yes" for o in ok)]
     text = _table(head, rows) + "\n"
     log_k_fits = inside(lk["trained"], (PAPER_LOG_K - 1, PAPER_LOG_K + 1)) == "yes"
     text += (f"log K {'matches' if log_k_fits else 'does not clearly match'} "
@@ -394,11 +399,28 @@ def answer_paper(r: Run) -> str:
              + (f"Of the readings of the potential tested here, {', '.join(fits)} falls inside the paper's ranges for "
                 "both kinds of model." if fits else
                 "None of the readings of the potential tested here falls inside the paper's ranges for both kinds "
-                "of model: the surprisal the package computes is larger than the paper's potential, for trained "
-                "and random models alike.")
-             + " The potential as the predictive entropy cannot be tested from a scan: it keeps log p of the "
-               "observed token, not the distribution.")
+                "of model" + (": every one is larger than the paper's potential, for trained and random models "
+                              "alike." if all(a for _, _, a in matches) else "."))
+             + (" " + _entropy_potential(r, entropy) if entropy else
+                " The potential as the predictive entropy cannot be tested from this scan: it was written before "
+                "scans kept the entropy."))
     return text
+
+
+def _entropy_potential(r: Run, models: Sequence[str]) -> str:
+    """Whether the energy with the entropy as its potential, K·e^H, is conserved where K·PPL is not."""
+    labels = [verdict(r.get(m, "seq_std_ratio_entropy") - FAR_BELOW) for m in models]
+    lo = min(I.interval(r.get(m, "seq_std_ratio_entropy"))[1] for m in models)
+    hi = max(I.interval(r.get(m, "seq_std_ratio_entropy"))[2] for m in models)
+    below = [I.interval(r.get(m, "seq_std_ratio_entropy"))[0] < I.interval(r.get(m, "seq_std_ratio"))[0]
+             for m in models]
+    held = labels.count("yes")
+    return (f"With the entropy as the potential (E_H = K·e^H), per window std(log K + H) / √(std²(log K) + "
+            f"std²(H)) spans {fmt(lo)} – {fmt(hi)} over the {len(models)} models' intervals; it is far below 1 "
+            f"(< {fmt(FAR_BELOW)}, whole interval) for {held} of them ({_count(labels)}), so this reading "
+            + ("conserves the energy for every model" if held == len(models) else
+               "conserves it for none" if held == 0 else f"conserves it for {held} of {len(models)} models")
+            + f". Its point ratio is below the surprisal reading's for {sum(below)} of {len(models)} models.")
 
 
 def _median_s(r: Run, m: str) -> tuple[float, float, float]:

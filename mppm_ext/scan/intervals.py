@@ -30,6 +30,8 @@ MAD_SCALE = 1.4826
 #: Quantities with a CV (each from log p and K at the used positions).
 QUANTITIES = ("energy", "kinetic", "ppl", "surprisal", "log_kinetic", "log_energy", "additive_energy",
               "log_lagrangian")
+#: With the entropy kept (scans since it is): H itself and the energy with H as the potential, log K + H.
+ENTROPY_QUANTITIES = ("entropy", "log_energy_entropy")
 #: Quantities that are positive by construction: their CV is always defined.
 POSITIVE = ("energy", "kinetic", "ppl", "surprisal")
 #: The CV of a quantity that takes both signs is undefined when its |mean| is below std / UNDEFINED_CV, i.e.
@@ -50,18 +52,24 @@ def quantities(log_prob: np.ndarray, kinetic: np.ndarray) -> dict[str, np.ndarra
 
 @dataclass(frozen=True)
 class Group:
-    """One (model, variant) of one corpus as [windows, T] arrays (NaN-padded); ``used`` [windows, T]."""
+    """One (model, variant) of one corpus as [windows, T] arrays (NaN-padded); ``used`` [windows, T].
+    ``entropy``: H of the prediction that log p scores (None for scans written before it was kept)."""
 
     log_prob: np.ndarray
     kinetic: np.ndarray
     t: np.ndarray
     tokens: np.ndarray  # int64, -1 padding
+    entropy: Optional[np.ndarray] = None
 
     def shifted(self) -> "Group":
         """The other pairing: K_t with the surprisal of the token x_t, s_(t-1)."""
         lp = np.full_like(self.log_prob, np.nan)
         lp[:, 1:] = self.log_prob[:, :-1]
-        return Group(lp, self.kinetic, self.t, self.tokens)
+        ent = None
+        if self.entropy is not None:
+            ent = np.full_like(self.entropy, np.nan)
+            ent[:, 1:] = self.entropy[:, :-1]
+        return Group(lp, self.kinetic, self.t, self.tokens, ent)
 
     def used(self, drop_first: bool = False) -> np.ndarray:
         ok = np.isfinite(self.log_prob) & np.isfinite(self.kinetic) & (self.kinetic > 0)
@@ -83,9 +91,13 @@ def groups(tokens: dict[str, np.ndarray]) -> dict[tuple[str, str], Group]:
         lp[row, t] = tokens["log_prob"][rows]
         kin[row, t] = tokens["kinetic"][rows]
         toks[row, t] = tokens["token"][rows]
+        ent = None
+        if "entropy" in tokens:
+            ent = np.full(shape, np.nan)
+            ent[row, t] = tokens["entropy"][rows]
         tt = np.broadcast_to(np.arange(shape[1]), shape)
         model, variant = key.split("\t")
-        out[(model, variant)] = Group(lp, kin, tt, toks)
+        out[(model, variant)] = Group(lp, kin, tt, toks, ent)
     return out
 
 
@@ -127,10 +139,14 @@ def statistics(parts: Sequence[tuple[Group, np.ndarray]], *, drop_first: bool = 
     corpora, each given as (group, its resampling counts [R + 1, N])."""
     stacked: dict[str, list] = {}
     c_all = np.concatenate([c for _, c in parts], axis=1)
+    names = QUANTITIES + (ENTROPY_QUANTITIES if all(g.entropy is not None for g, _ in parts) else ())
     for group, _ in parts:
         used = group.used(drop_first)
         q = quantities(group.log_prob, group.kinetic)
-        for name in QUANTITIES:
+        if group.entropy is not None:
+            q["entropy"] = group.entropy
+            q["log_energy_entropy"] = q["log_kinetic"] + group.entropy
+        for name in names:
             for k, v in _window_figures(q[name], used).items():
                 stacked.setdefault(f"{name}:{k}", []).append(np.broadcast_to(v, used.shape[:1]) if k == "centre"
                                                              else v)
@@ -147,7 +163,7 @@ def statistics(parts: Sequence[tuple[Group, np.ndarray]], *, drop_first: bool = 
     n = c_all @ w["energy:n"]
     multi = w["energy:n"] >= 2
     moments = {}
-    for name in QUANTITIES:
+    for name in names:
         # Pooled moments about each corpus's own centre: shift to a common one (the first corpus's).
         shift = w[f"{name}:centre"] - w[f"{name}:centre"][0]
         s1 = w[f"{name}:s1"] + shift * w[f"{name}:n"]
@@ -181,6 +197,9 @@ def statistics(parts: Sequence[tuple[Group, np.ndarray]], *, drop_first: bool = 
             out[f"{agg}_log_margin"] = se - np.minimum(sk, ss)
             out[f"{agg}_margin"] = out[f"{agg}_cv_energy"] - np.minimum(out[f"{agg}_cv_kinetic"],
                                                                          out[f"{agg}_cv_ppl"])
+            if "entropy" in names:  # the same comparison with the entropy as the potential
+                sh, seh = out[f"{agg}_std_entropy"], out[f"{agg}_std_log_energy_entropy"]
+                out[f"{agg}_std_ratio_entropy"] = seh / np.sqrt(sk ** 2 + sh ** 2)
     out["positions"] = n
     out["windows"] = c_all @ multi.astype(np.float64)
     return out
@@ -231,4 +250,4 @@ def coverage_mask(group: Group, heldout: Optional[Iterable[int]]) -> np.ndarray:
 
 def restricted(group: Group, mask: np.ndarray) -> Group:
     """``group`` with the positions outside ``mask`` removed (their K set to NaN)."""
-    return Group(group.log_prob, np.where(mask, group.kinetic, np.nan), group.t, group.tokens)
+    return Group(group.log_prob, np.where(mask, group.kinetic, np.nan), group.t, group.tokens, group.entropy)

@@ -24,7 +24,7 @@ from ._optional import available, require
 from .stats import paired
 
 TOKEN_COLUMNS = ("model", "variant", "window", "document", "position", "t", "token", "log_prob", "surprisal",
-                 "kinetic", "log_kinetic", "log_energy", "additive_energy", "log_lagrangian", "valid")
+                 "kinetic", "log_kinetic", "log_energy", "additive_energy", "log_lagrangian", "entropy", "valid")
 #: The columns of summary.md (summary.csv has every column).
 MARKDOWN_COLUMNS = ("model", "variant", "pairing", "trained", "tokens", "positions", "zero_kinetic",
                     "pooled_mean_surprisal", "pooled_mean_log_kinetic", "pooled_cv_energy", "pooled_cv_log_energy",
@@ -37,7 +37,7 @@ def token_columns(scans) -> dict[str, np.ndarray]:
     """Column name -> 1-D array over every (model, variant, window, real token)."""
     cols: dict[str, list] = {c: [] for c in TOKEN_COLUMNS}
     for scan in scans:
-        for variant, (toks, lp, kin) in scan.parts.items():
+        for variant, (toks, lp, kin, ent) in scan.parts.items():
             q = paired(lp, kin, "same")
             real = toks >= 0
             n = int(real.sum())
@@ -55,6 +55,7 @@ def token_columns(scans) -> dict[str, np.ndarray]:
             for name in ("log_prob", "surprisal", "kinetic", "log_kinetic", "log_energy", "additive_energy",
                          "log_lagrangian"):
                 cols[name].append(getattr(q, name)[real].numpy())
+            cols["entropy"].append(ent[real].numpy())
             cols["valid"].append(q.valid[real].numpy())
     return {c: (np.concatenate(v) if v else np.array([])) for c, v in cols.items()}
 
@@ -88,7 +89,7 @@ def read_tokens(out_dir: Path) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"{out_dir} holds no tokens.parquet or tokens.csv: is it the output of `mppm scan`?")
     rows = read_csv(path)
     out = {}
-    for c in TOKEN_COLUMNS:
+    for c in (c for c in TOKEN_COLUMNS if not rows or c in rows[0]):  # older scans have no entropy column
         values = [r[c] for r in rows]
         if c in ("model", "variant"):
             out[c] = np.array(values, dtype=object)

@@ -1,10 +1,10 @@
-"""One batch through one model: capture the states, then the energy's two parts (log p_t, K_t) for the
-base state and for every state-variant control. Everything else is derived from the parts later.
+"""One batch through one model: capture the states, then the energy's two parts (log p_t, K_t) and the
+predictive entropy H_t for the base state and for every state-variant control. Everything else is derived from the parts later.
 
 The base state (layer "final": after the final norm, the one that feeds the unembedding) goes through the fused op
 ``mppm_ext.energy_from_hidden``, so the forward pass stops before the unembedding and the logits are never
 stored. The variants only change the state that moves, not the prediction, so they reuse the base log p and
-need one O(B*T*d) kinetic pass each."""
+entropy and need one O(B*T*d) kinetic pass each."""
 
 from __future__ import annotations
 
@@ -65,9 +65,10 @@ class StatePlan:
 
 @dataclass
 class BatchParts:
-    """Per variant, ``(log_prob, kinetic)`` float64 [B, T] on CPU, NaN where undefined."""
+    """Per variant, ``(log_prob, kinetic, entropy)`` float64 [B, T] on CPU, NaN where undefined (the entropy
+    H_t of the prediction of token t, defined where log p_t is)."""
 
-    parts: dict[str, tuple[Tensor, Tensor]]
+    parts: dict[str, tuple[Tensor, Tensor, Tensor]]
     forward_s: float
     energy_s: float
 
@@ -123,11 +124,12 @@ def batch_parts(handle: ModelHandle, batch: Batch, plan: StatePlan) -> BatchPart
     with torch.no_grad():
         base = mppm_ext.energy_from_hidden(post, handle.weight, ids, bias=handle.bias, attention_mask=mask)
         log_prob = base.log_prob.double().cpu()
-        parts = {BASE: (log_prob, base.kinetic.double().cpu())}
+        entropy = base.entropy.double().cpu()
+        parts = {BASE: (log_prob, base.kinetic.double().cpu(), entropy)}
         real = mask != 0
 
-        def moved(state: Tensor) -> tuple[Tensor, Tensor]:
-            return log_prob, kinetic(state.to(real.device), real).cpu()
+        def moved(state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            return log_prob, kinetic(state.to(real.device), real).cpu(), entropy
 
         if pre is not None:
             parts[PRE_NORM] = moved(pre)
