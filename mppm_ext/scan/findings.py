@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -136,7 +137,7 @@ def run_findings(out: Path, report: Path, *, models: Sequence[str], corpora: Seq
         raise ValueError(f"none of the models {list(models)} is installed")
     if not documents:
         raise ValueError(f"none of the corpora {list(corpora)} is fetched")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     scan_root = out / "scan"
     for corpus in documents:
         check_writable(scan_root / corpus)
@@ -171,6 +172,9 @@ def run_findings(out: Path, report: Path, *, models: Sequence[str], corpora: Seq
         meta_path.write_text(json.dumps(meta, indent=2, default=str))
     run = {"corpora": list(documents), "missing_corpora": missing, "skipped": skipped, "checkpoints": checkpoints,
            "heldout_tokens": heldout, "elapsed_s": time.perf_counter() - started,
+           # CPU seconds of this process (all its threads) and the load at the end: a wall time on shared
+           # cores says little without them.
+           "cpu_s": time.process_time() - cpu_started, "cpus": os.cpu_count(), "loadavg": list(os.getloadavg()),
            "command": " ".join(["mppm", "findings", *sys.argv[2:]]) if sys.argv[1:2] == ["findings"] else None}
     (scan_root / RUN_FILE).write_text(json.dumps(run))
     return write_findings(scan_root, report, plots=out)

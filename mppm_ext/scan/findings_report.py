@@ -407,6 +407,16 @@ def answer_paper(r: Run) -> str:
     return text
 
 
+def _cpu_note(run: dict) -> str:
+    """', C CPU-s on N cores, load average a / b / c at its end' where the run recorded them."""
+    if "cpu_s" not in run:
+        return ""
+    one, five, fifteen = run["loadavg"]
+    return (f", {run['cpu_s']:.0f} CPU-s on {run['cpus']} cores, load average {one:.1f} / {five:.1f} / "
+            f"{fifteen:.1f} (1 / 5 / 15 min) at its end"
+            + (" (other jobs shared the cores)" if five > run["cpus"] + 0.5 else ""))
+
+
 def _entropy_potential(r: Run, models: Sequence[str]) -> str:
     """Whether the energy with the entropy as its potential, K·e^H, is conserved where K·PPL is not."""
     labels = [verdict(r.get(m, "seq_std_ratio_entropy") - FAR_BELOW) for m in models]
@@ -634,7 +644,8 @@ def write(scan_root: Path, report: Path, *, plots: Optional[Path] = None,
         "tokenizer.",
         f"- mppm_ext {meta0['versions'].get('mppm_ext')}, torch {meta0['versions'].get('torch')}, transformers "
         f"{meta0['versions'].get('transformers', 'n/a')}, git {meta0.get('git_sha') or 'unknown'}"
-        + (f"; the whole run took {elapsed:.0f} s ({elapsed / 60:.1f} min)." if elapsed is not None else "."),
+        + (f"; the whole run took {elapsed:.0f} s ({elapsed / 60:.1f} min) wall" if elapsed is not None else "")
+        + _cpu_note(r.run) + ".",
     ]
     twins = _identical(r)
     if twins:
