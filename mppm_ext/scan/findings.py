@@ -6,8 +6,9 @@ answers are all computed from that run (:mod:`.findings_report`).
     python -m mppm_ext.scan.findings                  # or: mppm findings
     python -m mppm_ext.scan.findings --from-scan docs/findings/scan   # rewrite the report and plots only
 
-Defaults: 2,048 scanned tokens per model and corpus, four corpora (see DEFAULT_*); the committed run took 42
-minutes on 2 heavily shared CPU cores. The report states the token count and the time the run took."""
+Defaults: 2,048 scanned tokens per model and corpus, four corpora (see DEFAULT_*); the committed run used
+about 1,100 CPU-seconds (9-11 minutes on 2 free cores). The report states the token count, the wall time, the
+CPU time and the load the run saw."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ DEFAULT_RANDOM = tuple(f"random:{m}@{READER}" for m in ("gpt2-124m", "pythia-160
 #: Scanned separately; "tiny" ships with the package, the others come with ``mppm setup``.
 DEFAULT_CORPORA = ("tiny", "sotu", "moby-dick", "lee")
 DEFAULT_WINDOW = 256
-# Budget: 9 models x 4 corpora x (1 scan + 1 shuffled + 0.25 held-out) passes x 2,048 tokens ~ 170k forward
+# Budget: 8 models x 4 corpora x (1 scan + 1 shuffled + 0.25 held-out) passes x 2,048 tokens ~ 170k forward
 # tokens of 125M-500M-parameter models, about the 8,192 tokens on one corpus of the earlier runs (447 s on
 # 2 quiet cores); the measured time of the committed run is in the report and the README.
 DEFAULT_MAX_TOKENS = 2048
