@@ -37,7 +37,7 @@ DEFAULT_RANDOM = tuple(f"random:{m}@{READER}" for m in ("gpt2-124m", "pythia-160
 #: Scanned separately; "tiny" ships with the package, the others come with ``mppm setup``.
 DEFAULT_CORPORA = ("tiny", "sotu", "moby-dick", "lee")
 DEFAULT_WINDOW = 256
-# Budget: 8 models x 4 corpora x (1 scan + 1 shuffled + 0.25 held-out) passes x 2,048 tokens ~ 170k forward
+# Budget: 8 models x 4 corpora x (1 scan + 1 shuffled + 0.25 held-out) passes x 2,048 tokens ~ 150k forward
 # tokens of 125M-500M-parameter models, about the 8,192 tokens on one corpus of the earlier runs (447 s on
 # 2 quiet cores); the measured time of the committed run is in the report and the README.
 DEFAULT_MAX_TOKENS = 2048
