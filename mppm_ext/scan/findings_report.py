@@ -123,6 +123,11 @@ def _count(labels: Sequence[str]) -> str:
     return ", ".join(f"{labels.count(v)} {v}" for v in ("yes", "no", "undecided", "undefined") if labels.count(v))
 
 
+def _models(models: Sequence[str], kind: str) -> str:
+    """'the 1 trained model' / 'the 6 random-weight models'."""
+    return f"the {len(models)} {kind} model{'' if len(models) == 1 else 's'}"
+
+
 def _median(xs: Sequence[float]) -> float:
     xs = [x for x in xs if math.isfinite(x)]
     return float(np.median(xs)) if xs else math.nan
@@ -310,8 +315,8 @@ def answer_log_additive(r: Run) -> str:
             + (f"By this report's rule CV(ℓ) is undefined for {', '.join(undefined)} (|mean ℓ| below half its std); "
                "the figures below are the would-be CVs. " if undefined else "")
             + "Its per-window CV is "
-            f"{fmt(_median(cv_t))} (median) for the {len(trained)} trained models and {fmt(_median(cv_r))} for the "
-            f"{len(random)} random-weight ones; "
+            f"{fmt(_median(cv_t))} (median) for {_models(trained, 'trained')} and {fmt(_median(cv_r))} for "
+            f"{_models(random, 'random-weight')}; "
             + ("every random model's interval lies below every trained model's, so **this reading reproduces the "
                "paper's \"random models conserve more tightly\"**. " if reproduces else
                "the intervals overlap, so this reading does **not** clearly reproduce \"random models conserve more "
@@ -340,8 +345,8 @@ def answer_random(r: Run) -> str:
     tighter = "Yes" if hi_r < lo_t else "Undecided"
     ppl_vs_k = [verdict(r.get(m, "seq_cv_ppl") - r.get(m, "seq_cv_kinetic")) for m in random]
     text = (f"**{tighter}** for CV(E): per window it is {fmt(_median([_point(r, m, 'seq_cv_energy') for m in random]))}"
-            f" (median) for the {len(random)} random-weight models on SmolLM2's tokens against "
-            f"{fmt(_median([_point(r, m, 'seq_cv_energy') for m in trained]))} for the {len(trained)} trained ones"
+            f" (median) for {_models(random, 'random-weight')} on SmolLM2's tokens against "
+            f"{fmt(_median([_point(r, m, 'seq_cv_energy') for m in trained]))} for {_models(trained, 'trained')}"
             + (", every random interval below every trained one. " if hi_r < lo_t else
                "; the intervals overlap. "))
     text += ("Which factor carries E's spread in random models? CV(PPL) is below CV(K) (whole interval) for "
