@@ -19,6 +19,8 @@ and one float32 vocabulary chunk, bounded per device type by :data:`BUDGETS`.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -69,6 +71,19 @@ def _compute_dtype(*xs: Tensor) -> torch.dtype:
     """Products are formed in float32 (float64 when an input is float64): bf16/fp16 tiles would round
     every logit to 8 or 11 bits, far outside the float32 reference's error."""
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _mm_float32_out(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch has ``torch.mm(..., out_dtype=torch.float32)`` for 16-bit operands on ``device``
+    (CUDA builds since torch 2.7; never on CPU). Probed once per (device, dtype) with a 1 x 1 product: an
+    unsupported dispatch raises on the host, before anything is launched."""
+    x = torch.zeros(1, 1, dtype=dtype, device=device)
+    try:
+        torch.mm(x, x, out_dtype=torch.float32)
+    except (NotImplementedError, RuntimeError, TypeError):
+        return False
+    return True
 
 
 def _tile_logits(h: Tensor, w: Tensor, w_dt: Optional[Tensor], b: Optional[Tensor], tensor_cores: bool) -> Tensor:
@@ -155,8 +170,8 @@ def _stream_tiles(hidden, weight, bias, targets, moments, fold, inv_temperature,
     v = weight.shape[0]
     tile = tiling(n, v, d, hidden.device.type)
     device = hidden.device
-    tensor_cores = hidden.is_cuda and hidden.dtype == weight.dtype and hidden.dtype in (torch.bfloat16,
-                                                                                        torch.float16)
+    tensor_cores = (hidden.is_cuda and hidden.dtype == weight.dtype and hidden.dtype in (torch.bfloat16, torch.float16)
+                    and _mm_float32_out(hidden.device, hidden.dtype))
     h = hidden if tensor_cores else hidden.to(dt)
     run_max = torch.full((n,), float("-inf"), dtype=torch.float64, device=device)
     run_sum = torch.zeros(n, dtype=torch.float64, device=device)

@@ -35,7 +35,13 @@ def test_logits_beyond_int32_offsets(backend):
     sub_h, sub_z, sub_x = hidden[:, tail], logits[:, tail], tokens[:, tail]
     sub = mppm_ext.energy(sub_h, sub_z, sub_x, impl=impl)
     for name in ("log_prob", "kinetic"):  # [1:-1]: the slice has no step into its first position
-        assert torch.equal(getattr(r, name)[0, tail][1:-1], getattr(sub, name)[0, 1:-1]), name
+        whole, alone = getattr(r, name)[0, tail][1:-1], getattr(sub, name)[0, 1:-1]
+        if device == "cpu":
+            assert torch.equal(whole, alone), name  # one row kernel, one summation order
+        else:
+            # 12 rows take the CUDA row-split path (partial sums combined across blocks), the full call the
+            # one-block-per-row path: two summation orders of the same float32 values.
+            torch.testing.assert_close(whole, alone, rtol=2e-6, atol=2e-6)
     assert_energy_matches(sub, sub_h, sub_z, sub_x)
 
 

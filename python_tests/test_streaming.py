@@ -86,3 +86,24 @@ def test_tiling_stays_within_budget(device_type, n, v, d):
     t = streaming.tiling(n, v, d, device_type)
     assert 1 <= t.rows <= n and 1 <= t.cols <= v
     assert t.rows * t.cols <= max(budget.tile, t.cols) and t.cols * d <= max(budget.chunk, d)
+
+
+def test_float32_out_product_is_probed_not_assumed():
+    # torch.mm(..., out_dtype=float32) has no CPU kernel: the probe says so instead of raising, and the
+    # 16-bit CPU path forms its tiles from float32 operands.
+    assert streaming._mm_float32_out(torch.device("cpu"), torch.bfloat16) is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cuda_16bit_tiles_without_float32_out_products(small_tiles, monkeypatch, dtype):
+    # Where a torch lacks the float32-output product, the float32-operand tiles give the same answer.
+    hidden, weight, b, targets = _problem(13, 31, 9, dtype=dtype)
+    args = _to("cuda", hidden, weight, b, targets)
+    fast = streaming.token_log_prob_from_hidden(*args, impl="cuda").cpu()
+    monkeypatch.setattr(streaming, "_mm_float32_out", lambda device, dtype: False)
+    slow = streaming.token_log_prob_from_hidden(*args, impl="cuda").cpu()
+    truth, ref = (torch.log_softmax(_logits(hidden, weight, b, dt), -1).gather(1, targets[:, None]).squeeze(1)
+                  for dt in (torch.float64, torch.float32))
+    assert_close(fast, ref, truth, "log_prob")
+    assert_close(slow, ref, truth, "log_prob")
