@@ -9,8 +9,8 @@
 //                          partial (max, sums of exp and of the entropy's terms, NaN/+inf flag);
 //                          energy_rows_kernel then combines the S partials of its row in slice order
 //                          instead of reading the row.
-// Then, when no row is faulty, the shared finish (finish_cuda.cu) turns the parts into the per-token
-// planes and the per-sequence statistics.
+// Then the shared finish (finish_cuda.cu) turns the parts into the per-token planes and the
+// per-sequence statistics. Faults are left in the fault word for the caller to read (energy.h).
 //
 // All these kernels reduce in a fixed order (per-thread loops with a fixed element assignment, then
 // fixed shuffle and shared-memory trees), so every output is bitwise reproducible from run to run.
@@ -46,12 +46,6 @@ constexpr int kUnroll = 4;  // 16-byte vectors loaded per thread before any of t
 constexpr int kRowBlocksPerSM = 4;
 
 constexpr unsigned kFullWarp = 0xffffffffu;
-
-// The fault word packs (row << kFaultBits) | kind, so one atomicMin keeps the smallest faulty row
-// together with its fault. All ones (what cudaMemsetAsync(0xff) gives) means no fault.
-constexpr unsigned long long kNoFault = ~0ull;
-constexpr int kFaultBits = 3;
-static_assert(static_cast<int>(EnergyFault::kNumKinds) <= (1 << kFaultBits), "a fault kind must fit in kFaultBits");
 
 // ---------------------------------------------------------------------------------------------------
 // Element access
@@ -436,15 +430,19 @@ __device__ __forceinline__ EnergyFault process_row(const EnergyParams& p, int64_
   return EnergyFault::None;
 }
 
+// A faulty row records NaN parts (energy.h) and its packed fault into p.fault, which the host set to
+// kNoFault before the launch; the smallest word, the first faulty row, wins.
 template <typename LT, typename HT>
 __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM)
-    energy_rows_kernel(const EnergyParams p, unsigned long long* fault, const RowPartial* partials, int splits) {
+    energy_rows_kernel(const EnergyParams p, const RowPartial* partials, int splits) {
   __shared__ RowScratch scratch;
   const int64_t n_rows = p.B * p.T;
   for (int64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
     const EnergyFault f = process_row<LT, HT>(p, row, scratch, partials, splits);
-    if (threadIdx.x == 0 && f != EnergyFault::None)
-      atomicMin(fault, (static_cast<unsigned long long>(row) << kFaultBits) | static_cast<unsigned long long>(f));
+    if (threadIdx.x == 0 && f != EnergyFault::None) {
+      record_faulty_parts(p, row);
+      atomicMin(p.fault, pack_fault(row, f));
+    }
     // The next row reuses the scratch, which thread 0 may still be reading.
     __syncthreads();
   }
@@ -497,68 +495,60 @@ void with_float_type(DType dtype, F&& f) {
   }
 }
 
-template <typename T>
-int64_t copy_to_host(const void* base, int64_t offset, cudaStream_t stream) {
-  T value{};
-  check_cuda(cudaMemcpyAsync(&value, static_cast<const T*>(base) + offset, sizeof(T), cudaMemcpyDeviceToHost, stream),
-             "cudaMemcpyAsync (token)");
-  check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-  return int64_t(value);
+// The workspace of energy_cuda: the row partials (when the rows are split), then the finish's, each
+// on a 256-byte boundary (the workspace itself starts on one: torch's allocator aligns to 512 bytes;
+// bindings.cpp checks 16).
+constexpr int64_t kWorkspaceAlign = 256;
+
+int64_t aligned(int64_t bytes) { return (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
+
+int64_t partials_bytes(int64_t n_rows, const Split& split) {
+  return split.splits > 1 ? aligned(n_rows * split.splits * int64_t(sizeof(RowPartial))) : 0;
 }
 
 }  // namespace
 
-EnergyStatus energy_cuda(const EnergyParams& p) {
-  EnergyStatus status;
-  if (p.B == 0) return status;
+int64_t energy_cuda_workspace_bytes(int64_t B, int64_t T, int64_t V, int device) {
+  const int64_t n_rows = B * T;
+  const int64_t rows = n_rows > 0 ? partials_bytes(n_rows, choose_split(n_rows, V, device)) : 0;
+  return rows + finish_cuda_workspace_bytes(B, T);
+}
+
+// Everything is enqueued on the caller's stream and nothing is read back: no allocation, no copy to the
+// host, no synchronisation, so the call can be captured in a CUDA graph. The fault word is reset here
+// (a memset node in a graph) and the finish runs whether or not a row was faulty.
+void energy_cuda(const EnergyParams& p) {
+  if (p.B == 0) return;
   DeviceGuard device(p.launch.device_index);
   const auto stream = static_cast<cudaStream_t>(p.launch.stream);
+  char* const workspace = static_cast<char*>(p.workspace);
 
   const int64_t n_rows = p.B * p.T;
+  check_cuda(cudaMemsetAsync(p.fault, 0xff, sizeof(unsigned long long), stream), "cudaMemsetAsync (fault word)");
+  int64_t used = 0;
   // With T == 0 there are no rows, but the finish still writes every sequence's (empty) statistics.
   if (n_rows > 0) {
-    StreamBuffer<unsigned long long> fault(1, stream, "cudaMallocAsync (fault word)");
-    check_cuda(cudaMemsetAsync(fault.get(), 0xff, sizeof(unsigned long long), stream), "cudaMemsetAsync");
     const Split split = choose_split(n_rows, p.V, p.launch.device_index);
-    StreamBuffer<RowPartial> partials(split.splits > 1 ? n_rows * split.splits : 0, stream,
-                                      "cudaMallocAsync (partials)");
+    RowPartial* const partials = split.splits > 1 ? reinterpret_cast<RowPartial*>(workspace) : nullptr;
+    used = partials_bytes(n_rows, split);
     with_float_type(p.logits_dtype, [&](auto logits_tag) {
       using LT = typename decltype(logits_tag)::type;
       if (split.splits > 1) {
         row_partials_kernel<LT><<<grid_for(n_rows * split.splits), kRowThreads, 0, stream>>>(
-            p, split.splits, split.slice, partials.get());
+            p, split.splits, split.slice, partials);
         check_cuda(cudaGetLastError(), "row_partials_kernel launch");
       }
       with_float_type(p.hidden_dtype, [&](auto hidden_tag) {
         using HT = typename decltype(hidden_tag)::type;
-        energy_rows_kernel<LT, HT><<<grid_for(n_rows), kRowThreads, 0, stream>>>(p, fault.get(), partials.get(),
-                                                                                  split.splits);
+        energy_rows_kernel<LT, HT><<<grid_for(n_rows), kRowThreads, 0, stream>>>(p, partials, split.splits);
       });
     });
     check_cuda(cudaGetLastError(), "energy_rows_kernel launch");
-
-    unsigned long long word = kNoFault;
-    check_cuda(cudaMemcpyAsync(&word, fault.get(), sizeof word, cudaMemcpyDeviceToHost, stream),
-               "cudaMemcpyAsync (fault)");
-    check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-    if (word != kNoFault) {
-      const int64_t row = static_cast<int64_t>(word >> kFaultBits);
-      status.fault = static_cast<EnergyFault>(word & ((1u << kFaultBits) - 1));
-      status.b = row / p.T;
-      status.t = row % p.T;
-      const bool label = status.fault == EnergyFault::LabelOutOfRange;
-      const void* ids = label ? p.labels : p.tokens;
-      const DType dtype = label ? p.labels_dtype : p.tokens_dtype;
-      const int64_t offset = label ? status.b * p.labels_sb + status.t * p.labels_st
-                                   : status.b * p.tokens_sb + status.t * p.tokens_st;
-      status.id = dtype == DType::Int32 ? copy_to_host<int32_t>(ids, offset, stream)
-                                        : copy_to_host<int64_t>(ids, offset, stream);
-      return status;
-    }
   }
 
-  finish_cuda(finish_of(p));
-  return status;
+  FinishParams finish = finish_of(p);
+  finish.workspace = workspace + used;
+  finish_cuda(finish);
 }
 
 }  // namespace mppm

@@ -90,6 +90,8 @@ __global__ void __launch_bounds__(kStatThreads) sequence_stats_kernel(const Fini
 
 }  // namespace
 
+int64_t finish_cuda_workspace_bytes(int64_t, int64_t) { return 0; }  // one block per sequence: no partials
+
 void finish_cuda(const FinishParams& p) {
   if (p.B == 0) return;
   DeviceGuard device(p.launch.device_index);
