@@ -6,6 +6,7 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 import mppm_ext
+from conftest import cuda_available
 from helpers import make_inputs
 from mppm_ext import _dispatch
 from mppm_ext.selftest import named_tensors
@@ -103,32 +104,41 @@ def _bitwise_equal(a, b) -> bool:
     return all(x.shape == other[n].shape and torch.equal(_bits(x), _bits(other[n])) for n, x in named_tensors(a))
 
 
-@pytest.mark.parametrize("impl", ["cpp", "reference"])
-def test_check_false_changes_nothing_on_good_data(impl):
-    hidden, logits, tokens = inputs()
-    mask = torch.ones(B, T, dtype=torch.bool)
+#: (impl, device) of the check=False tests: the fused kernels on each device, and the reference.
+CHECK_IMPLS = [pytest.param(("cpp", "cpu"), id="cpp"), pytest.param(("reference", "cpu"), id="reference"),
+               pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.skipif(
+                   not cuda_available(), reason="needs a CUDA device and a build with nvcc"))]
+
+
+@pytest.mark.parametrize("backend", CHECK_IMPLS)
+def test_check_false_changes_nothing_on_good_data(backend):
+    impl, device = backend
+    hidden, logits, tokens = (x.to(device) for x in inputs())
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
     mask[0, 0] = False
     checked = mppm_ext.energy(hidden, logits, tokens, attention_mask=mask, impl=impl)
     unchecked = mppm_ext.energy(hidden, logits, tokens, attention_mask=mask, impl=impl, check=False)
     assert _bitwise_equal(unchecked, checked)
 
 
-@pytest.mark.parametrize("impl", ["cpp", "reference"])
+@pytest.mark.parametrize("backend", CHECK_IMPLS)
 @pytest.mark.parametrize("fault", sorted(DATA_FAULTS))
-def test_check_false_does_not_raise(fault, impl):
+def test_check_false_does_not_raise(fault, backend):
     """check=False: bad data raises nothing; the clean sequence comes out exactly as in a clean call, and the
-    fused kernel makes every per-token output of the faulty position NaN (check=True raises, see
+    fused kernels make every per-token output of the faulty position NaN (check=True raises, see
     test_public_api_rejects and below)."""
+    impl, device = backend
     spoil, labels_of, t = DATA_FAULTS[fault]
     hidden, logits, tokens = inputs()
-    clean = mppm_ext.energy(hidden, logits, tokens, impl=impl)
+    clean = mppm_ext.energy(*(x.to(device) for x in (hidden, logits, tokens)), impl=impl).map(lambda x: x.cpu())
     hidden, logits, tokens = spoil(hidden, logits, tokens)
-    labels = None if labels_of is None else labels_of(tokens)
+    labels = None if labels_of is None else labels_of(tokens).to(device)
+    hidden, logits, tokens = (x.to(device) for x in (hidden, logits, tokens))
     with pytest.raises(ValueError):
         mppm_ext.energy(hidden, logits, tokens, labels=labels, impl=impl)
-    got = mppm_ext.energy(hidden, logits, tokens, labels=labels, impl=impl, check=False)
+    got = mppm_ext.energy(hidden, logits, tokens, labels=labels, impl=impl, check=False).map(lambda x: x.cpu())
     assert _bitwise_equal(got.map(lambda x: x[0]), clean.map(lambda x: x[0]))
-    if impl == "cpp":
+    if impl != "reference":
         assert all(getattr(got, q)[1, t].isnan() for q in mppm_ext.TOKEN_QUANTITIES), "the faulty position is NaN"
         # The positions before it are as in a clean call (but t-1, whose target a bad label at t is).
         for q in mppm_ext.TOKEN_QUANTITIES:
@@ -186,18 +196,23 @@ def test_unknown_cpu_isa():
 class TestCompiledModuleDirectly:
     """mppm_ext._C checks its own arguments: a caller that bypasses the Python API cannot crash it."""
 
-    def args(self, **over):
+    def tensors(self):
         hidden, logits, tokens = inputs()
-        out = {
-            "hidden": hidden, "logits": logits, "tokens": tokens, "labels": tokens, "mask": None,
-            "inv_temperature": 1.0,
+        return {
+            "hidden": hidden, "logits": logits, "tokens": tokens, "labels": tokens,
             "out_tokens": torch.empty(10, B, T), "out_defined": torch.empty(B, T, dtype=torch.uint8),
             "out_stats": torch.empty(B, 34), "out_counts": torch.empty(B, 2, dtype=torch.int64),
             "scratch": torch.empty(4, B, T, dtype=torch.float64), "out_fault": torch.empty(1, dtype=torch.int64),
             "workspace": torch.empty(0, dtype=torch.uint8),
         }
-        out.update(over)
+
+    @staticmethod
+    def capsules(tensors, **over):
+        out = {**tensors, "mask": None, "inv_temperature": 1.0, **over}
         return {k: (to_dlpack(v) if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+
+    def args(self, **over):
+        return self.capsules(self.tensors(), **over)
 
     def call(self, **over):
         _dispatch.compiled().energy(**self.args(**over), ignore_index=-100, num_threads=1, stream=0)
@@ -255,6 +270,16 @@ class TestCompiledModuleDirectly:
         assert c.energy_workspace_bytes(B, T, V, None) == 0  # CPU tensors: none
         with pytest.raises(ValueError, match="V >= 1"):
             c.energy_workspace_bytes(B, T, 0, None)
+
+    @pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device and a build with nvcc")
+    def test_cuda_workspace_too_small(self):
+        c = _dispatch.compiled()
+        needed = c.energy_workspace_bytes(B, T, V, 0)
+        assert needed > 0  # at least the finish's chunk sums
+        cuda = {k: v.cuda() for k, v in self.tensors().items()}
+        with pytest.raises(ValueError, match=f"workspace must hold at least {needed} bytes"):
+            c.energy(**self.capsules(cuda, workspace=torch.empty(needed - 1, dtype=torch.uint8, device="cuda")),
+                     ignore_index=-100, num_threads=1, stream=0)
 
     def test_bad_thread_count(self):
         with pytest.raises(ValueError, match="num_threads"):

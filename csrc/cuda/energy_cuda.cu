@@ -417,8 +417,8 @@ __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSM)
 // The row kernel: one block per position
 
 // process_position of energy_cpu.cpp for one row, by the whole block. The returned fault is meaningful
-// in thread 0 (the other threads may not know about NonFiniteHidden). The parts are written only when the
-// row has no fault, as on the CPU.
+// in thread 0 (the other threads may not know about NonFiniteHidden). The parts are written here only
+// when the row has no fault; a faulty row's NaN parts are energy_rows_kernel's to write, as on the CPU.
 // With `partials` (split rows), the row's logits are not read here: thread k < splits takes the partial
 // of slice k as its online-softmax state, and the combine below is the one a whole row gets.
 template <typename LT, typename HT>
@@ -614,13 +614,13 @@ int64_t energy_cuda_workspace_bytes(int64_t B, int64_t T, int64_t V, int device)
 // host, no synchronisation, so the call can be captured in a CUDA graph. The fault word is reset here
 // (a memset node in a graph) and the finish runs whether or not a row was faulty.
 void energy_cuda(const EnergyParams& p) {
-  if (p.B == 0) return;
   DeviceGuard device(p.launch.device_index);
   const auto stream = static_cast<cudaStream_t>(p.launch.stream);
+  check_cuda(cudaMemsetAsync(p.fault, 0xff, sizeof(unsigned long long), stream), "cudaMemsetAsync (fault word)");
+  if (p.B == 0) return;
   char* const workspace = static_cast<char*>(p.workspace);
 
   const int64_t n_rows = p.B * p.T;
-  check_cuda(cudaMemsetAsync(p.fault, 0xff, sizeof(unsigned long long), stream), "cudaMemsetAsync (fault word)");
   int64_t used = 0;
   // With T == 0 there are no rows, but the finish still writes every sequence's (empty) statistics.
   if (n_rows > 0) {
