@@ -46,25 +46,28 @@ def _largest_difference(a, b) -> float:
 
 
 def graph_check(impl: str, device: str, n: int, vocab: int, d: int, dtype: torch.dtype) -> dict:
-    """Capture ``mppm_ext.energy(..., impl=impl)`` in a CUDA graph, replay it on new inputs written into the
-    captured buffers, and compare with an eager call on those inputs. A capture that fails (an op that reads
-    device data back to the host cannot be captured) is recorded as the outcome, not raised."""
+    """Capture ``mppm_ext.energy(..., impl=impl, check=False)`` in a CUDA graph (check=False: nothing is read
+    back to the host, which a capture forbids), replay it on new inputs written into the captured buffers,
+    and compare with an eager, checked call on those inputs: the kernels are deterministic, so the replay
+    must equal it bitwise. A capture that fails is recorded as the outcome, not raised."""
     record = {"impl": impl, "shape": {"N": n, "V": vocab, "d": d, "dtype": str(dtype)}, "captured": False}
     hidden, logits, tokens = _inputs(n, vocab, d, dtype, device)
-    mppm_ext.energy(hidden, logits, tokens, impl=impl)  # eager first: compiles, and proves the call runs
+    eager = mppm_ext.energy(hidden, logits, tokens, impl=impl)  # eager first: compiles, proves the call runs
+    unchecked = mppm_ext.energy(hidden, logits, tokens, impl=impl, check=False)
+    record["check_false_bitwise_equal_eager"] = _largest_difference(unchecked, eager) == 0.0
     if device != "cuda":
-        record["outcome"] = "not run: CUDA graphs need a CUDA device (the eager call ran)"
+        record["outcome"] = "not run: CUDA graphs need a CUDA device (the eager calls ran)"
         return record
     side = torch.cuda.Stream()  # warm-up on a side stream, as torch.cuda.graphs asks before a capture
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
-            mppm_ext.energy(hidden, logits, tokens, impl=impl)
+            mppm_ext.energy(hidden, logits, tokens, impl=impl, check=False)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
-            captured = mppm_ext.energy(hidden, logits, tokens, impl=impl)
+            captured = mppm_ext.energy(hidden, logits, tokens, impl=impl, check=False)
     except Exception as exc:
         message = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else ""
         record["outcome"] = f"capture failed: {type(exc).__name__}: {message}"
@@ -77,8 +80,14 @@ def graph_check(impl: str, device: str, n: int, vocab: int, d: int, dtype: torch
     torch.cuda.synchronize()
     expected = mppm_ext.energy(hidden, logits, tokens, impl=impl)
     record["max_abs_difference_vs_eager"] = _largest_difference(captured, expected)
+    record["bitwise_equal_eager"] = record["max_abs_difference_vs_eager"] == 0.0
+    graph.replay()  # a second replay on the same inputs: the same bits again
+    torch.cuda.synchronize()
+    record["replays_bitwise_equal"] = _largest_difference(captured, expected) == 0.0
     record["outcome"] = (f"captured and replayed on new inputs; largest difference from eager "
-                         f"{record['max_abs_difference_vs_eager']:.3g}")
+                         f"{record['max_abs_difference_vs_eager']:.3g}"
+                         f"{' (bitwise equal)' if record['bitwise_equal_eager'] else ''}, replays "
+                         f"{'bitwise equal' if record['replays_bitwise_equal'] else 'DIFFER'}")
     return record
 
 

@@ -148,14 +148,53 @@ void check_inv_temperature(double inv_temperature) {
     throw ArgumentError("inv_temperature must be a finite number > 0 (1 / temperature)");
 }
 
-std::string out_of_range(const char* name, const EnergyStatus& status, int64_t V) {
-  return std::string(name) + "[" + std::to_string(status.b) + ", " + std::to_string(status.t) + "] = " +
-         std::to_string(status.id) + " is outside the vocabulary [0, " + std::to_string(V) + ")";
+// Bytes of workspace the kernels need: none on the CPU; on CUDA, what the launcher asks for (in a build
+// without nvcc, CUDA views are refused by run_kernel before the size matters).
+int64_t energy_workspace_needed(Device device, int device_index, int64_t B, int64_t T, int64_t V) {
+#ifdef MPPM_EXT_WITH_CUDA
+  if (device == Device::CUDA) return energy_cuda_workspace_bytes(B, T, V, device_index);
+#endif
+  (void)device, (void)device_index, (void)B, (void)T, (void)V;
+  return 0;
+}
+
+int64_t finish_workspace_needed(Device device, int64_t B, int64_t T) {
+#ifdef MPPM_EXT_WITH_CUDA
+  if (device == Device::CUDA) return finish_cuda_workspace_bytes(B, T);
+#endif
+  (void)device, (void)B, (void)T;
+  return 0;
+}
+
+// A workspace: contiguous uint8 [n] with n >= `needed`, 16-byte aligned, on the device of `ref`.
+void* check_workspace(const TensorView& v, const TensorView& ref, const char* ref_name, int64_t needed) {
+  check_dtype(v, "workspace", {DType::UInt8});
+  check_ndim(v, "workspace", 1);
+  check_contiguous(v, "workspace");
+  check_same_device(v, "workspace", ref, ref_name);
+  if (v.size(0) < needed)
+    throw ArgumentError("workspace must hold at least " + std::to_string(needed) + " bytes for these shapes, got " +
+                        std::to_string(v.size(0)));
+  if (reinterpret_cast<uintptr_t>(v.data) % 16 != 0) throw ArgumentError("workspace must be 16-byte aligned");
+  return v.data;
+}
+
+// The Python-facing size queries: cuda_device None for CPU tensors, else the CUDA device's index.
+int64_t energy_workspace_bytes(int64_t B, int64_t T, int64_t V, py::object cuda_device) {
+  if (B < 0 || T < 0 || V < 1) throw ArgumentError("energy_workspace_bytes needs B, T >= 0 and V >= 1");
+  if (cuda_device.is_none()) return 0;
+  return energy_workspace_needed(Device::CUDA, cuda_device.cast<int>(), B, T, V);
+}
+
+int64_t finish_workspace_bytes(int64_t B, int64_t T, py::object cuda_device) {
+  if (B < 0 || T < 0) throw ArgumentError("finish_workspace_bytes needs B, T >= 0");
+  return cuda_device.is_none() ? 0 : finish_workspace_needed(Device::CUDA, B, T);
 }
 
 void energy(py::handle hidden_c, py::handle logits_c, py::handle tokens_c, py::handle labels_c, py::object mask_c,
             int64_t ignore_index, double inv_temperature, py::handle out_tokens_c, py::handle out_defined_c, py::handle out_stats_c,
-            py::handle out_counts_c, py::handle scratch_c, int num_threads, uintptr_t stream) {
+            py::handle out_counts_c, py::handle scratch_c, py::handle out_fault_c, py::handle workspace_c, int num_threads,
+            uintptr_t stream) {
   const TensorView hidden = view_of(hidden_c, "hidden");
   const TensorView logits = view_of(logits_c, "logits");
   const TensorView tokens = view_of(tokens_c, "tokens");
@@ -237,34 +276,20 @@ void energy(py::handle hidden_c, py::handle logits_c, py::handle tokens_c, py::h
   p.out_defined = static_cast<uint8_t*>(out_defined.data);
   p.out_stats = static_cast<float*>(out_stats.data);
   p.out_counts = static_cast<int64_t*>(out_counts.data);
+  const TensorView out_fault = view_of(out_fault_c, "out_fault");
+  check_output(out_fault, "out_fault", hidden, "hidden", DType::Int64, {1});
+  p.fault = static_cast<unsigned long long*>(out_fault.data);
+  p.workspace = check_workspace(view_of(workspace_c, "workspace"), hidden, "hidden",
+                                energy_workspace_needed(hidden.device, hidden.device_index, B, T, p.V));
   p.launch = launch_on(hidden, num_threads, stream);
-
-  const EnergyStatus status = run_kernel(hidden.device, p, &energy_cpu, MPPM_CUDA_KERNEL(energy_cuda));
-  std::ostringstream s;
-  s << " at batch " << status.b << ", position " << status.t;
-  switch (status.fault) {
-    case EnergyFault::None: return;
-    case EnergyFault::TokenOutOfRange:
-      // The wording of mppm_ext._validate.token_range, which the other backends raise.
-      throw ArgumentError(out_of_range("tokens", status, p.V));
-    case EnergyFault::LabelOutOfRange:
-      throw ArgumentError(out_of_range("labels", status, p.V));
-    case EnergyFault::NonFiniteLogits:
-      throw ArgumentError("logits holds NaN or inf in the row" + s.str());
-    case EnergyFault::NoFiniteLogit:
-      throw ArgumentError("logits row" + s.str() + " has no finite entry");
-    case EnergyFault::NonFiniteHidden:
-      throw ArgumentError("hidden holds NaN or inf in the step into" + s.str() +
-                          " (the state there or one position before)");
-    case EnergyFault::kNumKinds: break;
-  }
-  throw std::logic_error("energy: unknown fault kind");
+  // Faults in the data are not raised here: they are in out_fault, which the caller reads (or not).
+  run_kernel(hidden.device, p, &energy_cpu, MPPM_CUDA_KERNEL(energy_cuda));
 }
 
 // The finish of the energy op on parts computed elsewhere (include/mppm/finish.h); outputs are
 // allocated by Python.
 void energy_finish(py::handle parts_c, py::handle defined_c, py::handle out_tokens_c, py::handle out_stats_c,
-                   py::handle out_counts_c, int num_threads, uintptr_t stream) {
+                   py::handle out_counts_c, py::handle workspace_c, int num_threads, uintptr_t stream) {
   const TensorView parts = view_of(parts_c, "parts");
   check_ndim(parts, "parts", 3);
   check_dtype(parts, "parts", {DType::Float64});
@@ -291,6 +316,8 @@ void energy_finish(py::handle parts_c, py::handle defined_c, py::handle out_toke
   p.out_tokens = static_cast<float*>(out_tokens.data);
   p.out_stats = static_cast<float*>(out_stats.data);
   p.out_counts = static_cast<int64_t*>(out_counts.data);
+  p.workspace = check_workspace(view_of(workspace_c, "workspace"), parts, "parts",
+                                finish_workspace_needed(parts.device, B, T));
   p.launch = launch_on(parts, num_threads, stream);
   run_kernel(parts.device, p, &finish_cpu, MPPM_CUDA_KERNEL(finish_cuda));
 }
@@ -441,16 +468,28 @@ PYBIND11_MODULE(_C, m) {
   py::register_exception<mppm::DTypeError>(m, "DTypeError", PyExc_TypeError);
   m.def("energy", &mppm::energy, py::arg("hidden"), py::arg("logits"), py::arg("tokens"), py::arg("labels"),
         py::arg("mask"), py::arg("ignore_index"), py::arg("inv_temperature"), py::arg("out_tokens"), py::arg("out_defined"), py::arg("out_stats"),
-        py::arg("out_counts"), py::arg("scratch"), py::arg("num_threads"), py::arg("stream"),
-        "Fused energy op on DLPack views; see csrc/include/mppm/energy.h for the layout.");
+        py::arg("out_counts"), py::arg("scratch"), py::arg("out_fault"), py::arg("workspace"), py::arg("num_threads"),
+        py::arg("stream"),
+        "Fused energy op on DLPack views; see csrc/include/mppm/energy.h for the layout. Faults in the data are\n"
+        "not raised: out_fault [1] int64 receives -1, or (row << ENERGY_FAULT_BITS) | kind for the first faulty\n"
+        "position (row = b * T + t, kind an index into ENERGY_FAULTS), whose outputs are then NaN. workspace:\n"
+        "uint8 [energy_workspace_bytes(...)] or longer, 16-byte aligned, on the inputs' device. No allocation\n"
+        "and no host synchronisation on CUDA.");
+  m.def("energy_workspace_bytes", &mppm::energy_workspace_bytes, py::arg("B"), py::arg("T"), py::arg("V"),
+        py::arg("cuda_device"),
+        "Bytes of workspace energy needs for these shapes: 0 for CPU tensors (cuda_device None), else for\n"
+        "the CUDA device of that index.");
+  m.def("finish_workspace_bytes", &mppm::finish_workspace_bytes, py::arg("B"), py::arg("T"), py::arg("cuda_device"),
+        "Bytes of workspace energy_finish needs for these shapes: 0 for CPU tensors (cuda_device None).");
   m.def("energy_finish", &mppm::energy_finish, py::arg("parts"), py::arg("defined"), py::arg("out_tokens"),
-        py::arg("out_stats"), py::arg("out_counts"), py::arg("num_threads"), py::arg("stream"),
+        py::arg("out_stats"), py::arg("out_counts"), py::arg("workspace"), py::arg("num_threads"), py::arg("stream"),
         "The energy op's finish on DLPack views: from parts [P >= 4, B, T] float64 (plane 0 log_prob, plane 1\n"
         "kinetic, plane 2 entropy, plane 3 logsumexp; later planes ignored) and defined [B, T] uint8 (defined & 1:\n"
         "log_prob defined, defined & 2: kinetic defined, defined & 4: the state is real, entropy and logsumexp\n"
         "defined; a position is valid when bits 1 and 2 are set) to out_tokens [10, B, T] float32 (0 where undefined),\n"
         "out_stats [B, NUM_STAT_COLUMNS] float32 and out_counts [B, NUM_COUNT_COLUMNS] int64, bitwise what\n"
-        "energy writes from the same parts. All views contiguous, on one device; B >= 1. num_threads: CPU\n"
+        "energy writes from the same parts. All views contiguous, on one device; B >= 1. workspace: uint8\n"
+        "[finish_workspace_bytes(...)] or longer, 16-byte aligned. num_threads: CPU\n"
         "threads; stream: a cudaStream_t as an integer (0 = default) for CUDA views. See\n"
         "csrc/include/mppm/finish.h.");
   m.def("cg_solve", &mppm::cg_solve, py::arg("rows"), py::arg("center"), py::arg("rhs"), py::arg("lam"),
@@ -468,4 +507,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("NUM_TOKEN_QUANTITIES") = int(mppm::kNumTokenQuantities);
   m.attr("NUM_STAT_COLUMNS") = int(mppm::kNumStatColumns);
   m.attr("NUM_COUNT_COLUMNS") = int(mppm::kNumCountColumns);
+  m.attr("ENERGY_FAULT_BITS") = mppm::kFaultBits;
+  // The names of the EnergyFault kinds (energy.h), in enum order: the kind of a fault word is an index.
+  m.attr("ENERGY_FAULTS") = std::vector<std::string>{"none", "token_out_of_range", "label_out_of_range",
+                                                     "non_finite_logits", "no_finite_logit", "non_finite_hidden"};
+  static_assert(int(mppm::EnergyFault::kNumKinds) == 6, "ENERGY_FAULTS must name every EnergyFault");
 }

@@ -58,7 +58,11 @@ def token_range(tokens: Tensor, real: Tensor, vocab: int, name: str = "tokens") 
     bad = real & ((tokens < 0) | (tokens >= vocab))
     if bool(bad.any()):
         where = bad.nonzero()[0].tolist()
-        raise ValueError(f"{name}{where} = {int(tokens[tuple(where)])} is outside the vocabulary [0, {vocab})")
+        raise ValueError(_out_of_vocabulary(name, where, int(tokens[tuple(where)]), vocab))
+
+
+def _out_of_vocabulary(name: str, where: list[int], value: int, vocab: int) -> str:
+    return f"{name}{where} = {value} is outside the vocabulary [0, {vocab})"
 
 
 def unit_last_stride(x: Tensor) -> Tensor:
@@ -79,6 +83,38 @@ def first_at(bad: Tensor, name: str, what: str = "", extra: str = "") -> None:
         raise ValueError(f"{name} holds NaN or inf {what + ' ' if what else ''}at batch {b}, position {t}{extra}")
 
 
+#: The message of each data fault, by the names of the compiled module's ENERGY_FAULTS; every backend raises
+#: these words (the id faults' wording is :func:`token_range`'s).
+DATA_FAULTS = {
+    "non_finite_logits": "logits holds NaN or inf in the row at batch {b}, position {t}",
+    "no_finite_logit": "logits row at batch {b}, position {t} has no finite entry",
+    "non_finite_hidden": "hidden holds NaN or inf in the step into at batch {b}, position {t} (the state there or "
+                         "one position before)",
+}
+_ID_FAULTS = {"token_out_of_range": "tokens", "label_out_of_range": "labels"}
+
+
+def fused_fault(fault: Tensor, tokens: Tensor, labels: Tensor, vocab: int) -> None:
+    """Raise ValueError for the fault word of the fused ``energy`` op (``mppm_ext.ops.energy_op``'s last
+    output: -1, or the first faulty position ``b * T + t`` shifted by ENERGY_FAULT_BITS, or-ed with the kind),
+    with the message every backend gives. Reading the word is the public call's one host synchronisation."""
+    if not has_data(fault):
+        return
+    word = int(fault[0])
+    if word < 0:
+        return
+    from ._dispatch import compiled
+
+    c = compiled()
+    kind = c.ENERGY_FAULTS[word & ((1 << c.ENERGY_FAULT_BITS) - 1)]
+    b, t = divmod(word >> c.ENERGY_FAULT_BITS, tokens.shape[1])
+    if kind in _ID_FAULTS:
+        name = _ID_FAULTS[kind]
+        ids = tokens if name == "tokens" else labels
+        raise ValueError(_out_of_vocabulary(name, [b, t], int(ids[b, t]), vocab))
+    raise ValueError(DATA_FAULTS[kind].format(b=b, t=t))
+
+
 def _part_faults(parts) -> list[tuple[Tensor, str]]:
     """(``[B, T]`` bool, message template) for each way a part can be wrong, in the order the fused kernels
     report them: a read logits row with NaN or +inf (its logsumexp is NaN or +inf), a read row with no
@@ -88,11 +124,9 @@ def _part_faults(parts) -> list[tuple[Tensor, str]]:
     state = (parts.defined & DEFINED_STATE) != 0
     lse, kinetic = parts.planes[3], parts.planes[1]
     return [
-        (state & (lse.isnan() | (lse == float("inf"))), "logits holds NaN or inf in the row at batch {b}, position {t}"),
-        (state & (lse == float("-inf")), "logits row at batch {b}, position {t} has no finite entry"),
-        (((parts.defined & DEFINED_KINETIC) != 0) & ~torch.isfinite(kinetic),
-         "hidden holds NaN or inf in the step into at batch {b}, position {t} (the state there or one position "
-         "before)"),
+        (state & (lse.isnan() | (lse == float("inf"))), DATA_FAULTS["non_finite_logits"]),
+        (state & (lse == float("-inf")), DATA_FAULTS["no_finite_logit"]),
+        (((parts.defined & DEFINED_KINETIC) != 0) & ~torch.isfinite(kinetic), DATA_FAULTS["non_finite_hidden"]),
     ]
 
 

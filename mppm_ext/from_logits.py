@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _validate as check
+from . import _validate as validate
 from ._autocast import no_autocast
 from ._dispatch import backend_reasons, choose
 from .parts import DEFINED_LOG_PROB, Parts, defined_bits, finish, real_tokens
@@ -18,7 +18,7 @@ from .results import EnergyResult, unpack_energy
 
 def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, labels: Optional[Tensor] = None,
            attention_mask: Optional[Tensor] = None, ignore_index: int = -100, temperature: float = 1.0,
-           impl: str = "auto") -> EnergyResult:
+           impl: str = "auto", check: bool = True) -> EnergyResult:
     """Kinetic energy, point perplexity, entropy and the energies built from them, per token and per
     sequence.
 
@@ -46,6 +46,15 @@ def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, labels: Optional[T
             runs CPU tensors only in Triton's interpreter, for tests; ``"auto"`` skips that). float64 inputs
             run only with ``"reference"``, which upcasts 16-bit inputs to float32. The environment variable
             ``MPPM_EXT_IMPL`` overrides ``"auto"``.
+        check: look for bad data (ids outside the vocabulary, NaN or +inf in a used logits row or hidden
+            state, a used logits row without a finite entry) and raise ValueError for the first one. The
+            kernels find these while they read, and reading their finding back is the call's one host
+            synchronisation. With ``check=False`` nothing is read back: bad data gives NaN or otherwise
+            unspecified outputs at the positions concerned and in the statistics of their sequences
+            (the fused ``cpp`` / ``cuda`` kernels make every per-token output of a faulty position NaN and
+            leave the other sequences exactly as a clean call would), never an exception, and on CUDA the
+            call can be captured in a CUDA graph. The arguments' types, shapes and devices are checked
+            either way; good data gives bitwise the same results either way.
 
     Returns:
         :class:`mppm_ext.EnergyResult` with float32 ``[B, T]`` tensors (``[T]`` for unbatched input)
@@ -53,38 +62,41 @@ def energy(hidden: Tensor, logits: Tensor, tokens: Tensor, *, labels: Optional[T
 
     Raises:
         TypeError: a non-tensor argument, or an unsupported dtype.
-        ValueError: mismatched shapes, sequences shorter than 3 tokens, a token or label id outside
-            ``[0, V)``, tensors on different devices, a bad temperature, NaN or +inf in a logits row or a
-            hidden state that is used, or a logits row that is used and has no finite entry.
+        ValueError: mismatched shapes, sequences shorter than 3 tokens, tensors on different devices, a bad
+            temperature; with ``check`` also a token or label id outside ``[0, V)``, NaN or +inf in a
+            logits row or a hidden state that is used, or a logits row that is used and has no finite entry.
         BackendUnavailableError: ``impl`` names a backend that cannot run these inputs.
     """
-    args = check.energy_inputs(hidden, logits, tokens, attention_mask, labels, temperature)
+    args = validate.energy_inputs(hidden, logits, tokens, attention_mask, labels, temperature)
     hidden, logits = args.hidden, args.logits
     impl = choose("energy", impl, backend_reasons(args.device, impl))
-    check.float_dtypes(impl == "reference", hidden=hidden, logits=logits)
+    validate.float_dtypes(impl == "reference", hidden=hidden, logits=logits)
     # Under autocast the inputs arrive as the caller made them; every backend accumulates in float32.
     with no_autocast(args.device):
         if impl in ("cpp", "cuda"):
-            # The fused kernels check ids and NaN/inf themselves, while reading (one sync on CUDA).
-            result = unpack_energy(*_fused(args, ignore_index)[:4])
+            # The fused kernels check ids and NaN/inf themselves, while reading, into their fault word.
+            out = _fused(args, ignore_index)
+            if check:
+                validate.fused_fault(out[5], args.tokens, args.labels, args.logits.shape[-1])
+            result = unpack_energy(*out[:4])
         else:
             real = real_tokens(args.tokens, args.mask, ignore_index)
             scored = real_tokens(args.labels, args.mask, ignore_index)
-            result = finish(_parts(impl, args, real, scored))
+            result = finish(_parts(impl, args, real, scored, check))
     return result.map(lambda t: t.squeeze(0)) if args.unbatched else result
 
 
 def _fused(args, ignore_index):
     from .ops import energy_op
 
-    return energy_op(check.unit_last_stride(args.hidden), check.unit_last_stride(args.logits), args.tokens,
+    return energy_op(validate.unit_last_stride(args.hidden), validate.unit_last_stride(args.logits), args.tokens,
                      args.labels, args.mask, ignore_index, args.inv_temperature)
 
 
-def _parts(impl: str, args, real: Tensor, scored: Tensor) -> Parts:
+def _parts(impl: str, args, real: Tensor, scored: Tensor, check_data: bool) -> Parts:
     """The parts by the ``reference`` or ``triton`` backend. Ids are clamped into the vocabulary for the
-    computation and every data check (ids, NaN/inf, rows without a finite logit) is read back once, after
-    it; a fault raises with the fused kernels' messages."""
+    computation and, with ``check_data``, every data check (ids, NaN/inf, rows without a finite logit) is
+    read back once, after it; a fault raises with the fused kernels' messages."""
     hidden, logits, tokens, labels = args.hidden, args.logits, args.tokens, args.labels
     V = logits.shape[-1]
     safe = labels.clamp(0, V - 1)
@@ -94,17 +106,19 @@ def _parts(impl: str, args, real: Tensor, scored: Tensor) -> Parts:
         parts = _reference_backend.energy_parts(hidden, logits, safe, real, scored, args.inv_temperature)
     else:
         defined = defined_bits(real, scored)
-        planes = _TritonParts.apply(check.unit_last_stride(hidden), check.unit_last_stride(logits), tokens, safe,
+        planes = _TritonParts.apply(validate.unit_last_stride(hidden), validate.unit_last_stride(logits), tokens, safe,
                                     real, scored, defined, args.inv_temperature)
         parts = Parts(planes, defined)
+    if not check_data:
+        return parts
     target = torch.zeros_like(real)
     target[:, 1:] = (parts.defined[:, :-1] & DEFINED_LOG_PROB) != 0
     faults = [(real & ((tokens < 0) | (tokens >= V))).any(), (target & ((labels < 0) | (labels >= V))).any(),
-              *check.non_finite_parts(parts)]
+              *validate.non_finite_parts(parts)]
     if bool(torch.stack(faults).any()):
-        check.token_range(tokens, real, V)
-        check.token_range(labels, target, V, "labels")
-        check.finite_parts(parts)
+        validate.token_range(tokens, real, V)
+        validate.token_range(labels, target, V, "labels")
+        validate.finite_parts(parts)
     return parts
 
 

@@ -33,6 +33,18 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
+def _cuda_index(device: torch.device) -> Optional[int]:
+    """The CUDA device index the compiled size queries take (None for CPU tensors; a tensor's CUDA device
+    always has its index)."""
+    return device.index if device.type == "cuda" else None
+
+
+def _workspace(nbytes: int, device: torch.device) -> Tensor:
+    """The kernels' scratch, from torch's allocator (so that a CUDA graph capture takes it from the graph's
+    pool, and nothing is allocated behind torch's back); the allocator aligns to 512 bytes."""
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
 def _finish_outputs(B: int, T: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     return (
         torch.empty(len(TOKEN_QUANTITIES), B, T, dtype=torch.float32, device=device),
@@ -41,35 +53,44 @@ def _finish_outputs(B: int, T: int, device: torch.device) -> tuple[Tensor, Tenso
     )
 
 
-def _energy_outputs(tokens: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+EnergyOutputs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _energy_outputs(tokens: Tensor, device: torch.device) -> EnergyOutputs:
     B, T = tokens.shape
     per_token, stats, counts = _finish_outputs(B, T, device)
     return (per_token, torch.empty(B, T, dtype=torch.uint8, device=device), stats, counts,
-            torch.empty(_NUM_PARTS, B, T, dtype=torch.float64, device=device))
+            torch.empty(_NUM_PARTS, B, T, dtype=torch.float64, device=device),
+            torch.empty(1, dtype=torch.int64, device=device))
 
 
 def _launch_energy(hidden: Tensor, logits: Tensor, tokens: Tensor, labels: Tensor, mask: Optional[Tensor],
-                   ignore_index: int, inv_temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   ignore_index: int, inv_temperature: float) -> EnergyOutputs:
     out = _energy_outputs(tokens, hidden.device)
     if mask is not None and mask.dtype != torch.uint8:
         # A bool mask is reinterpreted in place; only other dtypes need a comparison pass.
         mask = (mask if mask.dtype == torch.bool else mask != 0).view(torch.uint8)
-    per_token, defined, stats, counts, parts = out
+    B, T = tokens.shape
+    workspace = _workspace(compiled().energy_workspace_bytes(B, T, logits.shape[-1], _cuda_index(hidden.device)),
+                           hidden.device)
     compiled().energy(
         _view(hidden), _view(logits), _view(tokens), _view(labels), None if mask is None else _view(mask),
-        int(ignore_index), float(inv_temperature), _view(per_token), _view(defined), _view(stats), _view(counts),
-        _view(parts), torch.get_num_threads(), _stream(hidden.device),
+        int(ignore_index), float(inv_temperature), *(_view(t) for t in out), _view(workspace),
+        torch.get_num_threads(), _stream(hidden.device),
     )
     return out
 
 
 @torch.library.custom_op("mppm_ext::energy", mutates_args=(), device_types=("cpu", "cuda"))
 def energy_op(hidden: Tensor, logits: Tensor, tokens: Tensor, labels: Tensor, mask: Optional[Tensor],
-              ignore_index: int, inv_temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+              ignore_index: int, inv_temperature: float) -> EnergyOutputs:
     """Packed fused energy: ``(per_token [10, B, T] f32, defined [B, T] u8, stats [B, 34] f32,
-    counts [B, 2] i64, parts [4, B, T] f64)``; see :func:`mppm_ext.results.unpack_energy` for the layout
-    and :mod:`mppm_ext.parts` for the parts (returned so that the backward needs no second forward).
-    ``labels [B, T]`` are the targets (pass ``tokens`` for none), ``inv_temperature`` is 1 / temperature."""
+    counts [B, 2] i64, parts [4, B, T] f64, fault [1] i64)``; see :func:`mppm_ext.results.unpack_energy` for
+    the layout and :mod:`mppm_ext.parts` for the parts (returned so that the backward needs no second
+    forward). ``fault`` holds -1, or the first fault found in the data, packed as
+    ``(b * T + t) << _C.ENERGY_FAULT_BITS | kind`` (:func:`mppm_ext._validate.fused_fault` reads and raises
+    it; the op itself never raises on data and never synchronises with the host). ``labels [B, T]`` are the
+    targets (pass ``tokens`` for none), ``inv_temperature`` is 1 / temperature."""
     return _launch_energy(hidden, logits, tokens, labels, mask, ignore_index, inv_temperature)
 
 
@@ -85,8 +106,9 @@ def energy_finish_op(parts: Tensor, defined: Tensor) -> tuple[Tensor, Tensor, Te
     ``defined [B, T]`` uint8 bits; the layout of :func:`mppm_ext.results.unpack_energy`."""
     _, B, T = parts.shape
     out = _finish_outputs(B, T, parts.device)
-    compiled().energy_finish(_view(parts), _view(defined), *(_view(t) for t in out), torch.get_num_threads(),
-                             _stream(parts.device))
+    workspace = _workspace(compiled().finish_workspace_bytes(B, T, _cuda_index(parts.device)), parts.device)
+    compiled().energy_finish(_view(parts), _view(defined), *(_view(t) for t in out), _view(workspace),
+                             torch.get_num_threads(), _stream(parts.device))
     return out
 
 
@@ -126,7 +148,7 @@ def _energy_setup(ctx, inputs, output):
     ctx.inv_temperature = inv_temperature
 
 
-def _energy_backward(ctx, g_tokens, _g_defined, g_stats, _g_counts, g_parts):
+def _energy_backward(ctx, g_tokens, _g_defined, g_stats, _g_counts, g_parts, _g_fault):
     from ._grad import finish_vjp, logits_parts_vjp
 
     hidden, logits, labels, defined, parts = ctx.saved_tensors

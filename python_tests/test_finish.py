@@ -11,9 +11,11 @@ import pytest
 import torch
 
 import mppm_ext
+from conftest import cuda_available
 from helpers import assert_result_matches
 from mppm_ext import ops, reference
 from mppm_ext.parts import DEFINED_KINETIC, DEFINED_LOG_PROB, DEFINED_STATE, Parts, finish
+from mppm_ext.selftest import named_tensors
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1), (1, 2), (1, 3), (2, 7), (3, 77), (2, 1023)]
@@ -133,3 +135,18 @@ def test_every_unfused_backend_finishes_in_the_compiled_finish(monkeypatch):
     assert calls == [(4, 2, 9)] * expected
     mppm_ext.energy(hidden, logits, tokens, impl="cpp")
     assert len(calls) == expected  # the fused op finishes inside its one call
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device and a build with nvcc")
+@pytest.mark.parametrize("B,T", [(1, 1), (2, 257), (1, 32768), (3, 70001)])
+def test_cuda_finish_split_over_blocks(B, T):
+    """The CUDA finish cuts each sequence into chunks of blocks (1, 2, 128 and 256 chunks here, the last one
+    shorter): against the reference, and bitwise the same from run to run."""
+    parts = Parts.of(*_parts(B, T, torch.float32))
+    on_gpu = Parts(parts.planes.cuda(), parts.defined.cuda())
+    first, second = finish(on_gpu), finish(on_gpu)
+    assert_result_matches(first.map(lambda t: t.cpu()), *_truth_and_ref(parts))
+    for (name, a), (_, b) in zip(named_tensors(first), named_tensors(second)):
+        if a.is_floating_point():
+            a, b = (x.contiguous().reshape(-1).view(torch.uint8) for x in (a, b))
+        assert torch.equal(a, b), f"{name} differs between two runs"

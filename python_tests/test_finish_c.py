@@ -27,8 +27,14 @@ def finish(parts, defined, num_threads=1):
     _, B, T = parts.shape
     out = (torch.empty(_c().NUM_TOKEN_QUANTITIES, B, T), torch.empty(B, _c().NUM_STAT_COLUMNS),
            torch.empty(B, _c().NUM_COUNT_COLUMNS, dtype=torch.int64))
-    _c().energy_finish(to_dlpack(parts), to_dlpack(defined), *map(to_dlpack, out), num_threads, 0)
+    _c().energy_finish(to_dlpack(parts), to_dlpack(defined), *map(to_dlpack, out), to_dlpack(workspace()),
+                       num_threads, 0)
     return out
+
+
+def workspace():
+    """The workspace of a CPU call: the CPU kernels need none."""
+    return torch.empty(0, dtype=torch.uint8)
 
 
 def energy(hidden, logits, tokens, mask=None, labels=None, inv_temperature=1.0):
@@ -37,8 +43,11 @@ def energy(hidden, logits, tokens, mask=None, labels=None, inv_temperature=1.0):
     out = (torch.empty(_c().NUM_TOKEN_QUANTITIES, B, T), torch.empty(B, T, dtype=torch.uint8),
            torch.empty(B, _c().NUM_STAT_COLUMNS), torch.empty(B, _c().NUM_COUNT_COLUMNS, dtype=torch.int64),
            torch.empty(P, B, T, dtype=torch.float64))
+    fault = torch.empty(1, dtype=torch.int64)
     _c().energy(to_dlpack(hidden), to_dlpack(logits), to_dlpack(tokens), to_dlpack(tokens if labels is None else labels),
-                None if mask is None else to_dlpack(mask), -100, inv_temperature, *map(to_dlpack, out), 2, 0)
+                None if mask is None else to_dlpack(mask), -100, inv_temperature, *map(to_dlpack, out),
+                to_dlpack(fault), to_dlpack(workspace()), 2, 0)
+    assert int(fault) == -1, "these inputs hold no fault"
     return out
 
 
@@ -153,7 +162,7 @@ class TestBadViews:
         args = {"parts": parts, "defined": defined, "out_tokens": torch.empty(10, B, T),
                 "out_stats": torch.empty(B, _c().NUM_STAT_COLUMNS),
                 "out_counts": torch.empty(B, _c().NUM_COUNT_COLUMNS, dtype=torch.int64),
-                "num_threads": 1, "stream": 0}
+                "workspace": workspace(), "num_threads": 1, "stream": 0}
         args.update(over)
         return {k: (to_dlpack(v) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
 
@@ -186,7 +195,16 @@ class TestBadViews:
         ({"out_counts": torch.empty(B + 1, 2, dtype=torch.int64)}, ValueError, r"out_counts.shape\[0\] must equal"),
         ({"out_counts": torch.empty(2 * B, dtype=torch.int64)}, ValueError, "out_counts must have 2 dimensions"),
         ({"num_threads": 0}, ValueError, "num_threads must be >= 1"),
+        ({"workspace": torch.empty(0)}, TypeError, "workspace has dtype float32"),
+        ({"workspace": torch.empty(1, 16, dtype=torch.uint8)}, ValueError, "workspace must have 1 dimensions"),
+        ({"workspace": torch.empty(32, dtype=torch.uint8)[1:]}, ValueError, "workspace must be 16-byte aligned"),
     ], ids=lambda x: x if isinstance(x, str) and len(x) < 30 else None)
     def test_bad_views(self, over, exc, match):
         with pytest.raises(exc, match=match):
             _c().energy_finish(**self.args(**over))
+
+    def test_workspace_sizes(self):
+        """CPU tensors need no workspace; a CUDA call's size depends only on the shapes (in a build with CUDA)."""
+        assert _c().finish_workspace_bytes(self.B, self.T, None) == 0
+        with pytest.raises(ValueError, match="B, T >= 0"):
+            _c().finish_workspace_bytes(-1, self.T, None)

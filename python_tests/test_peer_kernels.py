@@ -8,6 +8,7 @@ import torch
 
 from helpers import assert_result_matches, make_inputs, reference_pair
 from mppm_ext import ops, reference
+from mppm_ext._validate import fused_fault
 from mppm_ext.results import unpack_energy
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -15,9 +16,12 @@ IGNORE = -100
 
 
 def op_energy(hidden, logits, tokens, labels=None, mask=None, temperature=1.0):
-    """EnergyResult of the fused op (Python passes the tokens as labels when there are none)."""
+    """EnergyResult of the fused op (Python passes the tokens as labels when there are none); a fault in its
+    fault word raises as the public function raises it."""
     labels = tokens if labels is None else labels
-    return unpack_energy(*ops.energy_op(hidden, logits, tokens, labels, mask, IGNORE, 1.0 / temperature)[:4])
+    out = ops.energy_op(hidden, logits, tokens, labels, mask, IGNORE, 1.0 / temperature)
+    fused_fault(out[5], tokens, labels, logits.shape[-1])
+    return unpack_energy(*out[:4])
 
 
 def check(hidden, logits, tokens, labels=None, mask=None, temperature=1.0):

@@ -28,8 +28,8 @@ def test_compile_fullgraph(backend):
 
     def pipeline(h, z, x, m):
         # The op between elementwise work that inductor fuses (reductions would reorder sums).
-        per_token, defined, stats, counts, parts = torch.ops.mppm_ext.energy(h * 2.0, z, x, x, m, -100, 1.0)
-        return per_token.neg(), defined, stats * 3.0, counts, parts
+        per_token, defined, stats, counts, parts, fault = torch.ops.mppm_ext.energy(h * 2.0, z, x, x, m, -100, 1.0)
+        return per_token.neg(), defined, stats * 3.0, counts, parts, fault
 
     compiled = torch.compile(pipeline, fullgraph=True, dynamic=False)
     expected = pipeline(hidden, logits, tokens, mask)
@@ -46,4 +46,18 @@ def test_compile_public_function(backend):
 
     eager = analysis(hidden, logits, tokens, mask)
     compiled = torch.compile(analysis)(hidden, logits, tokens, mask)
+    assert torch.equal(compiled, eager)
+
+
+def test_compile_public_function_fullgraph_without_check(backend):
+    """check=False reads nothing back, so the public call compiles into one graph (check=True reads the
+    fault word, a graph break)."""
+    impl, device = backend
+    hidden, logits, tokens, _, mask, _, _ = op_args(device, True)
+
+    def analysis(h, z, x, m):
+        return mppm_ext.energy(h, z, x, attention_mask=m, impl=impl, check=False).stats.cv["log_energy"]
+
+    eager = analysis(hidden, logits, tokens, mask)
+    compiled = torch.compile(analysis, fullgraph=True)(hidden, logits, tokens, mask)
     assert torch.equal(compiled, eager)

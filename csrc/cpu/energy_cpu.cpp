@@ -73,7 +73,7 @@ EnergyFault process_position(const EnergyParams& p, const cpu::RowKernels& k, co
 
 }  // namespace
 
-EnergyStatus energy_cpu(const EnergyParams& p) {
+void energy_cpu(const EnergyParams& p) {
   const cpu::RowKernels& kernels = cpu::active_kernels();
   const int64_t n_rows = p.B * p.T;
   // Rows are independent, so any schedule gives bitwise-identical results; dynamic chunks keep the
@@ -83,23 +83,20 @@ EnergyStatus energy_cpu(const EnergyParams& p) {
   for (int64_t row = 0; row < n_rows; ++row) {
     const Sequence seq{p, row / p.T};
     if (process_position(p, kernels, seq, row % p.T) != EnergyFault::None) {
+      record_faulty_parts(p, row);
       int64_t seen = first_fault.load();
       while (row < seen && !first_fault.compare_exchange_weak(seen, row)) {
       }
     }
   }
-  EnergyStatus status;
+  *p.fault = kNoFault;
   if (const int64_t row = first_fault.load(); row < n_rows) {
     // Re-run the first faulty position alone to name its fault: deterministic whatever the threads did.
-    status.b = row / p.T;
-    status.t = row % p.T;
-    const Sequence seq{p, status.b};
-    status.fault = process_position(p, kernels, seq, status.t);
-    status.id = status.fault == EnergyFault::LabelOutOfRange ? seq.label(status.t) : seq.token(status.t);
-    return status;
+    // It returns before recording anything, so its NaN parts stay.
+    const Sequence seq{p, row / p.T};
+    *p.fault = pack_fault(row, process_position(p, kernels, seq, row % p.T));
   }
   finish_cpu(finish_of(p));
-  return status;
 }
 
 }  // namespace mppm

@@ -1,5 +1,6 @@
 // Host-side helpers shared by every op's CUDA launcher: the one CUDA error check, the guard that makes
-// the views' device current, stream-ordered scratch buffers and the grid size of grid-stride kernels.
+// the views' device current and the grid size of grid-stride kernels. There is no allocator here: an
+// op's scratch is a torch tensor its caller passes (so that the op can run inside a CUDA graph).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -34,30 +35,6 @@ class DeviceGuard {
  private:
   int device_;
   int previous_ = 0;
-};
-
-// `count` elements of T on the current device, allocated and freed in stream order (cudaMallocAsync /
-// cudaFreeAsync), so that concurrent calls on other streams each get their own and nothing waits for
-// the whole device. count == 0 allocates nothing and get() is nullptr.
-template <typename T>
-class StreamBuffer {
- public:
-  StreamBuffer(int64_t count, cudaStream_t stream, const char* what) : stream_(stream) {
-    if (count <= 0) return;
-    void* ptr = nullptr;
-    check_cuda(cudaMallocAsync(&ptr, size_t(count) * sizeof(T), stream_), what);
-    ptr_ = static_cast<T*>(ptr);
-  }
-  ~StreamBuffer() {
-    if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);  // stream-ordered: after every use enqueued before it
-  }
-  StreamBuffer(const StreamBuffer&) = delete;
-  StreamBuffer& operator=(const StreamBuffer&) = delete;
-  T* get() const { return ptr_; }
-
- private:
-  cudaStream_t stream_;
-  T* ptr_ = nullptr;
 };
 
 // The grid of a grid-stride loop over `blocks` blocks: the loops take any count, the grid itself is

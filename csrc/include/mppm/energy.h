@@ -29,6 +29,7 @@
 
 #include <cstdint>
 
+#include "mppm/online_softmax.h"  // MPPM_HD
 #include "mppm/tensor_view.h"
 
 namespace mppm {
@@ -110,6 +111,15 @@ struct EnergyParams {
   // rounding of s beyond the tolerance).
   double* scratch = nullptr;
 
+  // Output, one 64-bit word on the device: the first fault found in the data, packed by pack_fault,
+  // or kNoFault. The op never reads it back (no host synchronisation); the caller does, once.
+  unsigned long long* fault = nullptr;
+
+  // Workspace on the device, 16-byte aligned, at least energy_workspace_bytes(...) bytes (the CUDA
+  // kernels' row partials and the finish's; none on the CPU). Allocated by the caller (torch), so
+  // that the op allocates nothing and can be captured in a CUDA graph.
+  void* workspace = nullptr;
+
   Launch launch;
 };
 
@@ -128,15 +138,26 @@ enum class EnergyFault : int {
   kNumKinds
 };
 
-struct EnergyStatus {
-  EnergyFault fault = EnergyFault::None;
-  int64_t b = -1, t = -1;
-  int64_t id = 0;  // the offending id: tokens[b, t] for TokenOutOfRange, labels[b, t] for LabelOutOfRange
-};
+// The fault word packs (row << kFaultBits) | kind with row = b * T + t, so one atomicMin (CUDA) or one
+// minimum over the rows (CPU) keeps the first faulty position in (b, t) order together with its fault.
+// All ones means no fault (-1 as the int64 tensor Python reads it).
+constexpr int kFaultBits = 3;
+constexpr unsigned long long kNoFault = ~0ull;
+static_assert(static_cast<int>(EnergyFault::kNumKinds) <= (1 << kFaultBits), "a fault kind must fit in kFaultBits");
 
-EnergyStatus energy_cpu(const EnergyParams& p);
+MPPM_HD unsigned long long pack_fault(int64_t row, EnergyFault kind) {
+  return (static_cast<unsigned long long>(row) << kFaultBits) | static_cast<unsigned long long>(kind);
+}
+
+// Both kernels write every output and *p.fault whatever the data: a faulty position gets NaN parts with
+// every kDefined* bit set (record_faulty_parts, energy_math.h), so that a caller that skips the check
+// (mppm_ext.energy(check=False)) sees NaN there rather than stale memory; the finish runs regardless.
+void energy_cpu(const EnergyParams& p);
 #ifdef MPPM_EXT_WITH_CUDA
-EnergyStatus energy_cuda(const EnergyParams& p);
+void energy_cuda(const EnergyParams& p);
+// Bytes of workspace energy_cuda needs for these shapes on this device (the split of the rows depends
+// on its number of SMs); a host query, no synchronisation.
+int64_t energy_cuda_workspace_bytes(int64_t B, int64_t T, int64_t V, int device);
 #endif
 
 }  // namespace mppm

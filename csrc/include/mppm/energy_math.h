@@ -55,6 +55,15 @@ MPPM_HD void record_parts(const EnergyParams& p, int64_t idx, const PositionPart
   p.scratch[kPartLogsumexp * plane + idx] = q.lse;
 }
 
+// What the row pass keeps of a position whose data is faulty (energy.h): NaN parts with every bit set,
+// so that every per-token output there is NaN when the caller does not raise on the fault.
+MPPM_HD void record_faulty_parts(const EnergyParams& p, int64_t idx) {
+  PositionParts q;
+  q.defined = defined_bits(true, true, true);
+  q.lp = q.k = q.entropy = q.lse = quiet_nan<double>();
+  record_parts(p, idx, q);
+}
+
 // The parts of position `idx` from a finish's inputs.
 MPPM_HD PositionParts load_parts(const FinishParams& p, int64_t idx) {
   const int64_t plane = p.B * p.T;

@@ -34,6 +34,10 @@ struct FinishParams {
   float* out_stats = nullptr;
   int64_t* out_counts = nullptr;
 
+  // Workspace on the device, 16-byte aligned, at least finish_cuda_workspace_bytes(B, T) bytes: the
+  // per-chunk partial sums of the statistics (CUDA only; the CPU needs none). Allocated by the caller.
+  void* workspace = nullptr;
+
   Launch launch;
 };
 
@@ -48,7 +52,7 @@ inline FinishParams finish_of(const EnergyParams& e) {
   p.out_stats = e.out_stats;
   p.out_counts = e.out_counts;
   p.launch = e.launch;
-  return p;
+  return p;  // workspace: energy_cuda places the finish's inside its own
 }
 
 // No faults to report: every output is a function of the defined parts. The finish does not look for
@@ -56,6 +60,8 @@ inline FinishParams finish_of(const EnergyParams& e) {
 void finish_cpu(const FinishParams& p);
 #ifdef MPPM_EXT_WITH_CUDA
 void finish_cuda(const FinishParams& p);
+// Bytes of workspace finish_cuda needs for B sequences of T positions (a function of the shapes only).
+int64_t finish_cuda_workspace_bytes(int64_t B, int64_t T);
 #endif
 
 }  // namespace mppm
