@@ -37,6 +37,12 @@ def cases(args):
             for name, impl, isa in backends(device, args.all_isas):
                 call = (lambda impl=impl: mppm_ext.energy_from_hidden(hidden, weight, tokens, impl=impl))
                 providers[name] = (lambda call=call, isa=isa: with_isa(isa, call) if isa else call)
+                if dtype != torch.float32 and impl != "triton":
+                    # The opt-in 16-bit logits: the precision of the eager reference, at the 16-bit GEMM's speed.
+                    rounded = (lambda impl=impl: mppm_ext.energy_from_hidden(hidden, weight, tokens, impl=impl,
+                                                                             logits_dtype=dtype))
+                    providers[f"{name}, logits_dtype={dtype_name}"] = (
+                        lambda call=rounded, isa=isa: with_isa(isa, call) if isa else call)
             peers = {"torch linear_cross_entropy chunked (NLL only)": torch_linear_cross_entropy_chunked()}
             if device == "cuda":
                 peers["Liger fused linear CE (NLL only)"] = liger_fused_linear_cross_entropy()

@@ -74,12 +74,15 @@ def triton_reason(device: torch.device, requested: str) -> Optional[str]:
     return why
 
 
-def backend_reasons(device: torch.device, impl: str) -> dict[str, Callable[[], Optional[str]]]:
+def backend_reasons(device: torch.device, impl: str,
+                    logits_dtype: Optional[torch.dtype] = None) -> dict[str, Callable[[], Optional[str]]]:
     """The reasons table for :func:`choose` of an op that has every backend, for tensors on ``device``
-    and a call that asked for ``impl``."""
+    and a call that asked for ``impl`` (and, for the streaming ops, ``logits_dtype``)."""
+    rounded = (f"logits_dtype={logits_dtype} asks for logits rounded to 16 bits, and the Triton kernels keep "
+               "theirs in float32 registers")
     return {
         "cuda": lambda: cuda_reason(device),
-        "triton": lambda: triton_reason(device, impl),
+        "triton": lambda: rounded if logits_dtype is not None else triton_reason(device, impl),
         "cpp": lambda: cpp_reason(device),
         "reference": lambda: None,
     }

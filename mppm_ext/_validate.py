@@ -27,6 +27,20 @@ def float_dtype(x: Tensor, name: str, allow_float64: bool) -> None:
         raise TypeError(f"{name} has dtype {x.dtype}; expected one of {list(allowed)}{hint}")
 
 
+def logits_dtype(dtype, **named: Optional[Tensor]) -> Optional[torch.dtype]:
+    """``logits_dtype`` of the streaming ops: None, or the 16-bit dtype every named tensor (None skipped)
+    already has; TypeError naming the argument otherwise."""
+    if dtype is None:
+        return None
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"logits_dtype must be None, torch.bfloat16 or torch.float16, got {dtype!r}")
+    wrong = [f"{name} is {t.dtype}" for name, t in named.items() if t is not None and t.dtype != dtype]
+    if wrong:
+        raise TypeError(f"logits_dtype={dtype} rounds the product of {dtype} operands, but {', '.join(wrong)} "
+                        "(convert them, or leave logits_dtype=None for float32 logits)")
+    return dtype
+
+
 def index_dtype(x: Tensor, name: str) -> None:
     if x.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must hold token ids as int32 or int64, got dtype {x.dtype}")

@@ -86,11 +86,16 @@ def _mm_float32_out(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
-def _tile_logits(h: Tensor, w: Tensor, w_dt: Optional[Tensor], b: Optional[Tensor], tensor_cores: bool) -> Tensor:
+def _tile_logits(h: Tensor, w: Tensor, w_dt: Optional[Tensor], b: Optional[Tensor], tensor_cores: bool,
+                 rounded: bool = False) -> Tensor:
     """One tile of logits, float32 (float64 for float64 inputs). On CUDA, same-dtype 16-bit operands go
     to the tensor cores with float32 output (``mm.dtype``: 16-bit products, float32 accumulation, as the
     float32 reference of the same values); elsewhere the products are formed from ``w_dt``, the chunk
-    already converted. (TF32, when the caller enables it for float32 matmuls, applies here too.)"""
+    already converted. (TF32, when the caller enables it for float32 matmuls, applies here too.)
+    ``rounded`` (``logits_dtype``): the product of the 16-bit ``h``, ``w`` and ``b`` in their own dtype, i.e.
+    every logit rounded to 16 bits as an eager 16-bit ``lm_head`` gives it, then widened to float32."""
+    if rounded:
+        return (h @ w.T if b is None else torch.addmm(b, h, w.T)).float()
     if tensor_cores:
         z = torch.mm(h, w.T, out_dtype=torch.float32)
         return z if b is None else z.add_(b)
@@ -154,13 +159,14 @@ class _Stream:
 
 
 def _stream(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Optional[Tensor], moments: bool,
-            fold: Callable[..., None], inv_temperature: float = 1.0, entropy: bool = False) -> _Stream:
+            fold: Callable[..., None], inv_temperature: float = 1.0, entropy: bool = False,
+            logits_dtype: Optional[torch.dtype] = None) -> _Stream:
     # Under autocast torch.mm would hand the fold 16-bit tiles; the pass picks its own precision.
     with no_autocast(hidden.device):
-        return _stream_tiles(hidden, weight, bias, targets, moments, fold, inv_temperature, entropy)
+        return _stream_tiles(hidden, weight, bias, targets, moments, fold, inv_temperature, entropy, logits_dtype)
 
 
-def _stream_tiles(hidden, weight, bias, targets, moments, fold, inv_temperature, entropy) -> _Stream:
+def _stream_tiles(hidden, weight, bias, targets, moments, fold, inv_temperature, entropy, logits_dtype) -> _Stream:
     """One pass over ``weight`` in vocabulary chunks (outer) and row blocks (inner), folding every tile
     with ``fold`` (the torch or compiled ``softmax_tile``). Extra memory: ``hidden`` converted to the
     compute dtype and ``wbar`` (O(N*d)), plus one converted vocabulary chunk and one tile (bounded by
@@ -170,9 +176,10 @@ def _stream_tiles(hidden, weight, bias, targets, moments, fold, inv_temperature,
     v = weight.shape[0]
     tile = tiling(n, v, d, hidden.device.type)
     device = hidden.device
-    tensor_cores = (hidden.is_cuda and hidden.dtype == weight.dtype and hidden.dtype in (torch.bfloat16, torch.float16)
-                    and _mm_float32_out(hidden.device, hidden.dtype))
-    h = hidden if tensor_cores else hidden.to(dt)
+    rounded = logits_dtype is not None  # the inputs are then of that 16-bit dtype (checked by the caller)
+    tensor_cores = (not rounded and hidden.is_cuda and hidden.dtype == weight.dtype
+                    and hidden.dtype in (torch.bfloat16, torch.float16) and _mm_float32_out(hidden.device, hidden.dtype))
+    h = hidden if tensor_cores or rounded else hidden.to(dt)
     run_max = torch.full((n,), float("-inf"), dtype=torch.float64, device=device)
     run_sum = torch.zeros(n, dtype=torch.float64, device=device)
     bad_col = torch.full((n,), -1, dtype=torch.int64, device=device)
@@ -184,11 +191,11 @@ def _stream_tiles(hidden, weight, bias, targets, moments, fold, inv_temperature,
         v1 = min(v, v0 + tile.cols)
         w = weight[v0:v1]
         # P @ W needs the converted chunk even when the logits come from the 16-bit operands.
-        w_dt = w.to(dt) if moments or not tensor_cores else None
-        b = None if bias is None else bias[v0:v1].to(dt)
+        w_dt = w.to(dt) if moments or not (tensor_cores or rounded) else None
+        b = None if bias is None else bias[v0:v1].to(logits_dtype or dt)
         for r0 in range(0, n, tile.rows):
             rows = slice(r0, min(n, r0 + tile.rows))
-            z = _tile_logits(h[rows], w, w_dt, b, tensor_cores)
+            z = _tile_logits(h[rows], w, w_dt, b, tensor_cores, rounded)
             fold(z, v0, inv_temperature, run_max[rows], run_sum[rows], None if run_ent is None else run_ent[rows],
                  bad_col[rows], None if targets is None else targets[rows], None if picked is None else picked[rows],
                  None if alpha is None else alpha[rows])
@@ -247,7 +254,7 @@ class RowSoftmax:
 
 
 def log_prob_pass(impl: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                  inv_temperature: float = 1.0) -> RowSoftmax:
+                  inv_temperature: float = 1.0, logits_dtype: Optional[torch.dtype] = None) -> RowSoftmax:
     """The streaming pass behind :func:`token_log_prob_from_hidden` and :func:`mppm_ext.energy_from_hidden`,
     on checked inputs with the backend already chosen (no validation, no dispatch, no host synchronisation).
     Differentiable in hidden, weight and bias (:class:`_LogProbPass`: the backward streams over the
@@ -257,19 +264,22 @@ def log_prob_pass(impl: str, hidden: Tensor, weight: Tensor, bias: Optional[Tens
         impl: a backend name that :func:`mppm_ext._dispatch.choose` returned.
         hidden ``[N, d]``, weight ``[V, d]``, bias ``[V]`` or None, targets ``[N]`` int64 in ``[0, V)``;
         inv_temperature: the logits are multiplied by it inside the pass.
+        logits_dtype: None (float32 tiles), or the 16-bit dtype of hidden, weight and bias: every logit is
+            rounded to it, as an eager 16-bit ``lm_head`` rounds it (not with ``impl="triton"``).
     """
-    log_prob, lse, entropy, bad = _LogProbPass.apply(hidden, weight, bias, targets, impl, inv_temperature)
+    log_prob, lse, entropy, bad = _LogProbPass.apply(hidden, weight, bias, targets, impl, inv_temperature,
+                                                     logits_dtype)
     return RowSoftmax(log_prob, lse, entropy, bad)
 
 
-def _log_prob_forward(impl, hidden, weight, bias, targets, inv_temperature):
+def _log_prob_forward(impl, hidden, weight, bias, targets, inv_temperature, logits_dtype):
     if impl == "triton":
         from .triton import linear
 
         log_prob, lse, entropy = linear.token_log_prob_from_hidden(hidden, weight, bias, targets, inv_temperature)
         return log_prob, lse, entropy, torch.isnan(lse) | (lse == float("inf"))
     s = _stream(hidden, weight, bias, targets, moments=False, fold=_fold(impl), inv_temperature=inv_temperature,
-                entropy=True)
+                entropy=True, logits_dtype=logits_dtype)
     return s.picked - s.lse, s.lse, s.entropy, s.bad
 
 
@@ -281,11 +291,12 @@ class _LogProbPass(torch.autograd.Function):
     product gives dL/dhidden += dz W, dL/dW += dz^T hidden, dL/db += sum dz."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, impl, inv_temperature):
+    def forward(ctx, hidden, weight, bias, targets, impl, inv_temperature, logits_dtype):
         with torch.no_grad():
-            log_prob, lse, entropy, bad = _log_prob_forward(impl, hidden, weight, bias, targets, inv_temperature)
+            log_prob, lse, entropy, bad = _log_prob_forward(impl, hidden, weight, bias, targets, inv_temperature,
+                                                            logits_dtype)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.inv_temperature = inv_temperature
+        ctx.inv_temperature, ctx.logits_dtype = inv_temperature, logits_dtype
         ctx.mark_non_differentiable(bad)
         return log_prob, lse, entropy, bad
 
@@ -293,8 +304,8 @@ class _LogProbPass(torch.autograd.Function):
     def backward(ctx, g_lp, g_lse, g_ent, _g_bad):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         grads = _log_prob_backward(hidden, weight, bias, targets, lse, entropy, g_lp, g_lse, g_ent,
-                                   ctx.inv_temperature, ctx.needs_input_grad[:3])
-        return (*grads, None, None, None)
+                                   ctx.inv_temperature, ctx.needs_input_grad[:3], ctx.logits_dtype)
+        return (*grads, None, None, None, None)
 
 
 def softmax_grad(x: Tensor, lse: Tensor, entropy: Tensor, g_lp: Optional[Tensor], g_lse: Optional[Tensor],
@@ -317,7 +328,10 @@ def softmax_grad(x: Tensor, lse: Tensor, entropy: Tensor, g_lp: Optional[Tensor]
 
 
 def _log_prob_backward(hidden, weight, bias, targets, lse, entropy, g_lp, g_lse, g_ent, inv_temperature,
-                       needs) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+                       needs, logits_dtype=None) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    # The softmax is formed again from the logits the forward folded (rounded ones with logits_dtype, so
+    # that p = exp(x - lse) sums to 1); the products with the gradient are float32.
+    rounded = logits_dtype is not None
     dt = _compute_dtype(hidden, weight)
     n, d = hidden.shape
     v = weight.shape[0]
@@ -331,10 +345,12 @@ def _log_prob_backward(hidden, weight, bias, targets, lse, entropy, g_lp, g_lse,
         for v0 in range(0, v, tile.cols):
             v1 = min(v, v0 + tile.cols)
             w = weight[v0:v1].to(dt)
-            b = None if bias is None else bias[v0:v1].to(dt)
+            b = None if bias is None else bias[v0:v1].to(logits_dtype or dt)
             for r0 in range(0, n, tile.rows):
                 rows = slice(r0, min(n, r0 + tile.rows))
-                x = _tile_logits(h[rows], w, w, b, tensor_cores=False).double() * inv_temperature
+                z = (_tile_logits(hidden[rows], weight[v0:v1], None, b, False, rounded=True) if rounded else
+                     _tile_logits(h[rows], w, w, b, tensor_cores=False))
+                x = z.double() * inv_temperature
                 col = torch.where((targets[rows] >= v0) & (targets[rows] < v1), targets[rows] - v0, -1)
                 pick = (lambda g: None if g is None else g[rows])
                 gz = softmax_grad(x, lse[rows], entropy[rows], pick(g_lp), pick(g_lse), pick(g_ent), col)
@@ -373,7 +389,8 @@ def moments_pass(impl: str, hidden: Tensor, weight: Tensor,
 
 
 def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, *,
-                               ignore_index: int = -100, temperature: float = 1.0, impl: str = "auto") -> Tensor:
+                               ignore_index: int = -100, temperature: float = 1.0, impl: str = "auto",
+                               logits_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``log_softmax((hidden @ weight.T + bias) / temperature)[n, targets[n]]`` for every row, streaming over
     the vocabulary. Differentiable in hidden, weight and bias (the backward streams over W again).
 
@@ -385,6 +402,7 @@ def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Te
         ignore_index: a target that is not scored: its row gives NaN (and is not read).
         temperature: > 0; the logits are divided by it inside the pass.
         impl: ``"auto"`` or a backend name (module docstring).
+        logits_dtype: as in :func:`mppm_ext.energy_from_hidden`.
 
     Returns:
         ``[N]`` float64 log-probabilities (accumulated in float64 from float32 logits); -inf where the
@@ -403,7 +421,8 @@ def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Te
     check.same_device({"hidden": hidden, "targets": targets})
     check.index_dtype(targets, "targets")
     inv_temperature = check.temperature(temperature)
-    impl = choose("token_log_prob_from_hidden", impl, backend_reasons(device, impl))
+    logits_dtype = check.logits_dtype(logits_dtype, hidden=hidden, weight=weight, bias=bias)
+    impl = choose("token_log_prob_from_hidden", impl, backend_reasons(device, impl, logits_dtype))
     check.float_dtypes(impl == "reference", hidden=hidden, weight=weight, bias=bias)
     if hidden.shape[0] == 0 or not check.has_data(hidden):  # nothing to compute, or shapes only (meta)
         return torch.zeros(hidden.shape[0], dtype=torch.float64, device=device)
@@ -413,7 +432,7 @@ def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Te
     # it, so that the call reads device data back once (all checks share one synchronisation).
     rows = torch.where(scored.unsqueeze(1), hidden, 0)
     r = log_prob_pass(impl, rows, weight, bias, torch.where(scored, targets, 0).long().clamp(0, V - 1).contiguous(),
-                      inv_temperature)
+                      inv_temperature, logits_dtype)
     outside = scored & ((targets < 0) | (targets >= V))
     bad = scored & r.bad
     empty = scored & ~r.bad & (r.logsumexp == float("-inf"))
