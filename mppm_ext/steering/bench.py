@@ -31,12 +31,12 @@ from .generate import GenerationResult, steered_generate
 #: Strength grids of the default run (units in methods.KINDS) and the rest of its configuration.
 DEFAULTS = dict(
     strengths={"logit_bias": (1.0, 2.0, 4.0, 8.0), "jacobian_final": (0.5, 1.0, 2.0, 4.0),
-               "jacobian_mid": (0.5, 1.0, 2.0), "actadd": (0.25, 0.5, 1.0, 2.0), "caa": (0.25, 0.5, 1.0, 2.0)},
-    # The middle-layer Jacobian step costs about 20 single-token forwards per generated token (2 Gauss-Newton
-    # steps of one vmapped VJP over m = 5 targets and a trial each, see steering.cached): with 16 tokens its 3
-    # strengths on 100 cases would take about 25 of the run's CPU-minutes per decoding pair, so the default
-    # continues 12 tokens to keep both decodings, every case and the 2 steps inside the hour on 2 shared cores.
-    max_new_tokens=12, decodings=("greedy", "sampled"), temperature=0.7, mid_cases=None,
+               "jacobian_mid": (0.5, 1.0, 2.0, 4.0), "actadd": (0.25, 0.5, 1.0, 2.0), "caa": (0.25, 0.5, 1.0, 2.0)},
+    # The middle-layer Jacobian step costs about 20 single-position forwards per generated token (2 Gauss-Newton
+    # steps of one vmapped VJP over m = 5 targets and a trial each, see steering.cached): 67-84 s per strength
+    # for 100 cases x 16 tokens on the shared 2 cores, against about 10 s for a logit-bias job (measured in the
+    # default run), so every case, both decodings and 4 strengths fit in the hour (19 min wall).
+    max_new_tokens=16, decodings=("greedy", "sampled"), temperature=0.7, mid_cases=None,
     mid_decodings=("greedy", "sampled"),
     # Two Gauss-Newton steps reach the asked gains to ~0.03 nats in the middle layer (measured on SmolLM2);
     # each costs a VJP of m targets and a trial forward.
