@@ -92,6 +92,43 @@ def test_fixed_direction_edits_the_newest_position_by_s_norm_h_u(model, tok, lay
     assert torch.allclose(after[:, -1] - before[:, -1], want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("family,layer", [("llama", 1), ("gpt2", 1), ("llama", 2)])
+def test_middle_jacobian_edits_each_steered_position_only_and_reaches_its_gain(tok, family, layer):
+    """Replaying the run's recorded δ's at the positions that predicted its tokens, and nowhere else, in one
+    forward of the whole sequence without a cache gives the run's own log-probabilities; and where the solver
+    says it converged, the generation got the gain it solved for (the cached Jacobian problem is the
+    generation's function)."""
+    model = tiny_model(family)
+    rows = targets_of(tok, [["storm", "rain"], ["fire", "light"], ["storm"]])
+    method = make_method("jacobian_mid", [1.0], mid_layer=layer)
+    run = generate(model, tok, method, 1.0, PROMPTS, rows, max_new_tokens=4, solver_options=dict(newton_steps=8))
+    ids = torch.cat([run.prompt_ids, run.token], 1)
+    mask = torch.cat([run.prompt_mask, torch.ones_like(run.token)], 1)
+    p, s = run.prompt_ids.shape[1], run.token.shape[1]
+    at = torch.zeros(ids.shape[1], dtype=torch.bool)
+    at[p - 1:p - 1 + s] = True
+    replay = torch.zeros(ids.shape[0], ids.shape[1], run.deltas.shape[-1], dtype=torch.float64)
+    replay[:, at] = run.deltas.double()
+    handle = layers.edit_hook(model, layer, lambda h: h + replay.to(h.dtype))
+    try:
+        lp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+                               .logits.double(), -1)[:, p - 1:p - 1 + s]
+    finally:
+        handle.remove()
+    target_lp = torch.stack([lp[i][:, t].logsumexp(-1) for i, t in enumerate(rows)])
+    # δ's are recorded in float32: 1e-6 covers their rounding in a float64 model.
+    assert torch.allclose(target_lp, run.target_log_prob_after, atol=1e-6, rtol=0)
+    assert torch.allclose(-lp.gather(-1, run.token.unsqueeze(-1)).squeeze(-1), run.surprisal, atol=1e-6, rtol=0)
+    assert (run.delta_norm > 0).all()
+    ok = run.converged & run.feasible
+    assert ok.double().mean() >= 0.75, ok
+    # The one-target row: its target's log p is the set's, so it gains the asked 1 nat (gain_tol 1e-3).
+    single = ok[2]
+    assert single.any(), ok
+    gained = (run.target_log_prob_after - run.target_log_prob_before)[2][single]
+    assert torch.allclose(gained, torch.ones_like(gained), atol=2e-3), gained
+
+
 def _strength(name):
     return {"logit_bias": 3.0, "jacobian_final": 1.0, "jacobian_mid": 1.0, "actadd": 0.5, "caa": 0.5}[name]
 
@@ -275,10 +312,9 @@ def test_steer_bench_end_to_end(model_dir, case_file, tmp_path, capsys):
     assert len(report["prompts"]) == 4 and report["prompts"][2]["concept"] == "storm"
     names = [m["name"] for m in report["methods"]]
     assert names == ["logit_bias", "jacobian_final", "jacobian_mid", "actadd", "caa"]
-    mid = report["methods"][2]
-    # Every case at every strength (Jacobian middle: its subset, greedy only), plus natural per decoding.
-    per_decoding = 4 * (1 + sum(len(m["strengths"]) for m in report["methods"] if m["name"] != "jacobian_mid"))
-    assert len(report["rows"]) == 2 * per_decoding + len(mid["cases"]) * len(mid["strengths"])
+    assert report["methods"][2]["cases"] == "all" and report["methods"][2]["decodings"] == ["greedy", "sampled"]
+    # Every case at every strength of every method, plus natural, per decoding.
+    assert len(report["rows"]) == 2 * 4 * (1 + sum(len(m["strengths"]) for m in report["methods"]))
     with open(out / "report.csv") as f:
         assert len(list(csv.DictReader(f))) == len(report["rows"])
     for decoding in ("greedy", "sampled"):
@@ -307,6 +343,7 @@ def test_steer_bench_end_to_end(model_dir, case_file, tmp_path, capsys):
     (["--concepts", "volcano"], "unknown concept"),
     (["--mid-layer", "9"], "mid_layer"),
     (["--prompts", "0"], "prompts must be"),
+    (["--threads", "0"], "--threads must be"),
 ])
 def test_steer_bench_bad_arguments(model_dir, case_file, tmp_path, argv, match):
     args = parse(["--model", str(model_dir), "--cases", str(case_file), "--out", str(tmp_path / "o"), "--quick",

@@ -2,8 +2,8 @@
 cases, at matched fluency (docs/steer-eval/README.md has the definitions and the procedure).
 
 For every decoding (greedy, seeded sampling), the natural continuation of each prompt is generated once
-and shared by the prompt's cases; every method then continues every case (Jacobian at the middle layer:
-a budgeted subset, see :data:`DEFAULTS`) at each of its strengths. Per case, method and strength the
+and shared by the prompt's cases; every method then continues every case (``mid_cases`` can restrict the
+middle-layer Jacobian, the costliest, to a subset spread over the set) at each of its strengths. Per case, method and strength the
 figures are: similarity to the concept (MiniLM cosine), fluency cost (mean surprisal of the continuation
 under the judge model, unhooked), distinct-1/2, the share of steps the solver found feasible and
 converged, ||δ|| and ||δ||/||h||, the mean log p of the target set, and CV(log E), CV(log K), CV(s) along
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -30,23 +31,26 @@ from .generate import GenerationResult, steered_generate
 #: Strength grids of the default run (units in methods.KINDS) and the rest of its configuration.
 DEFAULTS = dict(
     strengths={"logit_bias": (1.0, 2.0, 4.0, 8.0), "jacobian_final": (0.5, 1.0, 2.0, 4.0),
-               "jacobian_mid": (0.5, 1.0, 2.0), "actadd": (0.25, 0.5, 1.0, 2.0), "caa": (0.25, 0.5, 1.0, 2.0)},
-    # jacobian_mid costs 7-10 s per prompt and token on SmolLM2 (two Gauss-Newton steps, each m + 2 passes
-    # through the model without a cache), over 100x the per-row cost of a cached step of the other methods:
-    # 2 cases x 3 strengths x 16 tokens is a third of the default run.
-    # Greedy only by default: on this project's shared 2-core machine one job of 100 cases takes about 1-2.5 min,
-    # so sampling (--decodings greedy,sampled) would add about 35 min to the 40 of the greedy run.
-    max_new_tokens=16, decodings=("greedy",), temperature=0.7, mid_cases=2, mid_decodings=("greedy",),
-    # Two Gauss-Newton steps reach the asked gains to ~0.03 nats in the middle layer (measured on SmolLM2),
-    # and each costs m + 2 passes through the remaining blocks per prompt; five would triple the run.
+               "jacobian_mid": (0.5, 1.0, 2.0, 4.0), "actadd": (0.25, 0.5, 1.0, 2.0), "caa": (0.25, 0.5, 1.0, 2.0)},
+    # The middle-layer Jacobian step costs about 20 single-position forwards per generated token (2 Gauss-Newton
+    # steps of one vmapped VJP over m = 5 targets and a trial each, see steering.cached): 67-84 s per strength
+    # for 100 cases x 16 tokens on the shared 2 cores, against about 10 s for a logit-bias job (measured in the
+    # default run), so every case, both decodings and 4 strengths fit in the hour (19 min wall).
+    max_new_tokens=16, decodings=("greedy", "sampled"), temperature=0.7, mid_cases=None,
+    mid_decodings=("greedy", "sampled"),
+    # Two Gauss-Newton steps reach the asked gains to ~0.03 nats in the middle layer (measured on SmolLM2);
+    # each costs a VJP of m targets and a trial forward.
     mid_solver=dict(newton_steps=2, gain_tol=0.05), extra_costs=(0.25, 0.5, 1.0, 2.0), resamples=2000, seed=0,
-    batch=40)
-#: --quick: the same methods on 4 prompts x 5 concepts, 3 strengths, 12 tokens, greedy; for a first look.
-QUICK = dict(DEFAULTS, strengths={"logit_bias": (2.0, 4.0, 8.0), "jacobian_final": (1.0, 2.0, 4.0),
-                                  "jacobian_mid": (2.0,), "actadd": (0.5, 1.0, 2.0), "caa": (0.5, 1.0, 2.0)},
-             max_new_tokens=12, decodings=("greedy",), mid_cases=1)
-#: The cases of --quick: the first 4 prompts under 5 concepts.
-QUICK_CASES = dict(prompts=4, concepts=("ocean", "music", "treasure", "space", "fire"))
+    # One batch per job: the 100 cases share 10 prompts, whose prefix is computed once (generate._shared_prefix),
+    # and a single-token forward of 100 rows uses the cores better than 40.
+    batch=100)
+#: --quick (CI smoke run, under 5 minutes on 2 cores): every method at 2 strengths, both decodings, 8 tokens,
+#: on 3 prompts x 4 concepts, the middle-layer Jacobian on all of them.
+QUICK = dict(DEFAULTS, strengths={"logit_bias": (2.0, 8.0), "jacobian_final": (1.0, 4.0), "jacobian_mid": (1.0, 2.0),
+                                  "actadd": (0.5, 2.0), "caa": (0.5, 2.0)},
+             max_new_tokens=8)
+#: The cases of --quick: the first 3 prompts under 4 concepts.
+QUICK_CASES = dict(prompts=3, concepts=("ocean", "music", "space", "fire"))
 
 #: The comparisons reported: (method A, method B); A is a Jacobian method.
 COMPARISONS = (("jacobian_final", "logit_bias"), ("jacobian_final", "actadd"), ("jacobian_final", "caa"),
@@ -104,8 +108,8 @@ class Bench:
 
     def __init__(self, model, tokenizer, case_set: cases_mod.CaseSet, *, embedder=None, judge=None,
                  strengths: Optional[dict] = None, mid_layer=None, max_new_tokens: int = 16,
-                 decodings: Sequence[str] = ("greedy", "sampled"), temperature: float = 0.7, mid_cases: int = 6,
-                 mid_decodings: Sequence[str] = ("greedy",), mid_solver: Optional[dict] = None,
+                 decodings: Sequence[str] = ("greedy", "sampled"), temperature: float = 0.7,
+                 mid_cases: Optional[int] = None, mid_decodings: Sequence[str] = ("greedy", "sampled"), mid_solver: Optional[dict] = None,
                  extra_costs: Sequence[float] = (0.25, 0.5, 1.0, 2.0), resamples: int = 2000, seed: int = 0,
                  batch: int = 40):
         from ..models import anatomy, layers
@@ -118,8 +122,8 @@ class Bench:
             raise ValueError("mid_layer must be an int state index (the 'final' state is jacobian_final's)")
         grids = dict(DEFAULTS["strengths"] if strengths is None else strengths)
         self.methods = [methods_mod.make_method(name, grid, self.mid.index) for name, grid in grids.items()]
-        for name, value in (("max_new_tokens", max_new_tokens), ("mid_cases", mid_cases), ("resamples", resamples),
-                            ("batch", batch)):
+        for name, value in (("max_new_tokens", max_new_tokens), ("mid_cases", 1 if mid_cases is None else mid_cases),
+                            ("resamples", resamples), ("batch", batch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         bad = [d for d in (*decodings, *mid_decodings) if d not in ("greedy", "sampled")] or \
@@ -136,7 +140,8 @@ class Bench:
         self.embedder = embedder or SentenceEmbedder()
         self.judge = judge if judge is not None else model
         self.max_new_tokens, self.decodings, self.temperature = max_new_tokens, tuple(decodings), float(temperature)
-        self.mid_subset = cases_mod.pick(len(self.cases), mid_cases)
+        # mid_cases None: every case (the default since the cached Jacobian, steering.cached).
+        self.mid_subset = cases_mod.pick(len(self.cases), len(self.cases) if mid_cases is None else mid_cases)
         self.mid_decodings = tuple(d for d in mid_decodings if d in self.decodings)
         self.mid_solver = dict(DEFAULTS["mid_solver"] if mid_solver is None else mid_solver)
         self.extra_costs, self.resamples, self.seed, self.batch = tuple(extra_costs), resamples, seed, batch
@@ -175,7 +180,7 @@ class Bench:
         every generation, so that a long run that is stopped keeps what it computed."""
         from tqdm.auto import tqdm
 
-        start, cpu = time.perf_counter(), time.process_time()
+        start, cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()[0]
         self.concept_emb = self.embedder.encode([c.concept for c in self.case_set.concepts])
         directions = methods_mod.contrast_directions(self.model, self.tokenizer, self.case_set.concepts, self.mid)
         rows = []
@@ -201,7 +206,8 @@ class Bench:
             bar.update()
         bar.close()
         return dict(rows=rows, directions=directions, seconds=time.perf_counter() - start,
-                    cpu_seconds=time.process_time() - cpu, threads=torch.get_num_threads())
+                    cpu_seconds=time.process_time() - cpu, threads=torch.get_num_threads(),
+                    load_average=[load, os.getloadavg()[0]], cpu_count=os.cpu_count())
 
     def _ids(self, case: cases_mod.Case, decoding: str, method: str, strength: float) -> dict:
         return dict(case=case.index, prompt_index=case.prompt_index, concept=case.concept.name, decoding=decoding,
@@ -285,7 +291,8 @@ def build_report(bench: Bench, result: dict, config: dict) -> dict:
     (the raw ActAdd/CAA difference norms next to the state norm, per concept)."""
     d = result["directions"]
     methods = [dict(name=m.name, layer=m.layer, strengths=list(m.strengths), unit=m.unit,
-                    cases=bench.mid_subset if m.name == "jacobian_mid" else "all",
+                    cases=bench.mid_subset if m.name == "jacobian_mid" and len(bench.mid_subset) < len(bench.cases)
+                    else "all",
                     decodings=list(bench.mid_decodings if m.name == "jacobian_mid" else bench.decodings))
                for m in bench.methods]
     prompts = [dict(case=c.index, prompt=c.prompt, concept=c.concept.name, concept_sentence=c.concept.concept,
@@ -294,6 +301,7 @@ def build_report(bench: Bench, result: dict, config: dict) -> dict:
                        state_norm=float(d["state_norm"][i]))
                   for i, c in enumerate(bench.case_set.concepts)]
     config = dict(config, seconds=result["seconds"], cpu_seconds=result["cpu_seconds"], threads=result["threads"],
+                  load_average=result["load_average"], cpu_count=result["cpu_count"],
                   mid_layer=bench.mid.index, num_blocks=bench.mid.num_blocks,
                   max_new_tokens=bench.max_new_tokens, decodings=list(bench.decodings),
                   temperature=bench.temperature, seed=bench.seed, extra_costs=list(bench.extra_costs),

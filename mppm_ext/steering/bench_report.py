@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from .bench import FIGURES
+from .cases import pick
 
 LABELS = {"natural": "natural", "logit_bias": "logit bias", "jacobian_final": "Jacobian (final state)",
           "jacobian_mid": "Jacobian (middle layer)", "actadd": "ActAdd", "caa": "CAA (mean difference)"}
@@ -117,7 +118,10 @@ def markdown(report: dict) -> str:
               f"tokens, decodings: {', '.join(c['decodings'])} (sampling at temperature {c['temperature']:g}, seed "
               f"{c['seed']}); middle layer = state {c['mid_layer']} of {c['num_blocks']} blocks (L // 2); "
               f"{c['resamples']} bootstrap resamples; run time {c['seconds'] / 60:.1f} min wall, "
-              f"{c['cpu_seconds'] / 60:.1f} CPU-min over {c['threads']} torch threads.",
+              f"{c['cpu_seconds'] / 60:.1f} CPU-min over {c['threads']} torch thread(s)"
+              + (f"; the machine's 1-minute load average was {c['load_average'][0]:.1f} at the start and "
+                 f"{c['load_average'][1]:.1f} at the end, on {c['cpu_count']} cores (a load above the run's own threads is other jobs)."
+                 if "load_average" in c else "."),
               f"- Command: `{c['command']}`.", "", "## Headline", ""]
     lines += _headline(report)
     lines += ["", "## Methods", "", "| method | acts on | strengths | unit | cases | decodings |", "|---|---|---|---|---|---|"]
@@ -127,9 +131,13 @@ def markdown(report: dict) -> str:
                      f"{m['unit']} | {cases} | {', '.join(m['decodings'])} |")
     mid = next((m for m in report["methods"] if m["name"] == "jacobian_mid"), None)
     if mid is not None:
-        lines += ["", f"Jacobian (middle layer) ran on cases {mid['cases']} only (autograd through the remaining "
-                      f"blocks per prompt and step; solver options {c['mid_solver']}); its comparisons are paired on "
-                      "those cases alone."]
+        where = (f"ran on cases {mid['cases']} only; its comparisons are paired on those cases alone"
+                 if isinstance(mid["cases"], list) else "ran on every case")
+        lines += ["", f"Jacobian (middle layer) {where}. Its solver: {c['mid_solver']['newton_steps']} Gauss-Newton "
+                      f"steps at most per generated token (a row stops early once every target's gain is within "
+                      f"{c['mid_solver']['gain_tol']:g} nats of the asked one), the Jacobian through the remaining "
+                      "blocks at the steered position against the KV cache of the earlier positions; the converged "
+                      "column says how often the asked gain was reached."]
     for decoding, entry in report["analysis"].items():
         lines += ["", f"## {decoding.capitalize()} decoding", "",
                   f"![curves](curves_{decoding}.png)", "", "### Verdicts (Jacobian steering against each baseline)", ""]
@@ -189,7 +197,8 @@ def _examples(report: dict) -> list[str]:
     decoding = c["decodings"][0]
     entry = report["analysis"][decoding]
     mid = next((m for m in report["methods"] if m["name"] == "jacobian_mid"), None)
-    shown = (mid["cases"] if mid is not None else [p["case"] for p in report["prompts"]])[:2]
+    pool = mid["cases"] if mid is not None and isinstance(mid["cases"], list) else [p["case"] for p in report["prompts"]]
+    shown = [pool[i] for i in pick(len(pool), 3)]  # first, middle and last: different prompts and concepts
     nat_cost = next(iter(entry["curves"].values()))["cost"][0]
     budget = nat_cost + 0.5
     lines = ["", f"## Examples ({decoding}; each method at its strongest strength whose mean cost is within "
@@ -240,12 +249,13 @@ def plot(report: dict, decoding: str, path: Path) -> None:
 
     entry = report["analysis"][decoding]
     mid = next((m for m in report["methods"] if m["name"] == "jacobian_mid"), None)
-    panels = [("all cases", None)] + ([("middle-layer subset", mid["cases"])] if mid and "jacobian_mid" in entry["curves"] else [])
+    on_subset = mid is not None and isinstance(mid["cases"], list) and "jacobian_mid" in entry["curves"]
+    panels = [("all cases", None)] + ([("middle-layer subset", mid["cases"])] if on_subset else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
     for ax, (title, subset) in zip(axes[0], panels):
         cases = subset if subset is not None else [p["case"] for p in report["prompts"]]
         for m in report["methods"]:
-            if m["name"] not in entry["curves"] or (subset is None and m["name"] == "jacobian_mid"):
+            if m["name"] not in entry["curves"] or (subset is None and on_subset and m["name"] == "jacobian_mid"):
                 continue
             cost, sim = curves(report["rows"], m["name"], m["strengths"], decoding, cases)
             x, y = cost.mean(0), sim.mean(0)

@@ -4,6 +4,7 @@ JSON and a CSV report and a PNG plot (see :mod:`mppm_ext.steering.evaluate`)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -158,9 +159,9 @@ def register_bench(subparsers) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="a model name or path, as mppm_ext.models.load takes it (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
-                   help=f"a first look (about 7 CPU-minutes on SmolLM2): {QUICK_CASES['prompts']} prompts x "
-                        f"{len(QUICK_CASES['concepts'])} concepts, {QUICK['max_new_tokens']} tokens, 3 strengths, greedy, "
-                        f"the middle-layer Jacobian on {QUICK['mid_cases']} cases")
+                   help=f"the CI smoke run (under 5 minutes on 2 cores with SmolLM2): {QUICK_CASES['prompts']} prompts x "
+                        f"{len(QUICK_CASES['concepts'])} concepts, {QUICK['max_new_tokens']} tokens, 2 strengths per "
+                        "method, greedy and sampled")
     p.add_argument("--cases", type=Path, default=None,
                    help="case set JSON (default: mppm_ext/steering/cases.json, 10 prompts x 10 concepts)")
     p.add_argument("--prompts", type=int, default=None, help="use only the first N prompts (default: all)")
@@ -168,19 +169,22 @@ def register_bench(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"tokens per continuation (default: {DEFAULTS['max_new_tokens']}, --quick {QUICK['max_new_tokens']})")
     p.add_argument("--decodings", default=None,
-                   help="comma-separated: greedy and/or sampled (default: greedy,sampled; --quick greedy)")
+                   help="comma-separated: greedy and/or sampled (default: greedy,sampled)")
     p.add_argument("--temperature", type=float, default=DEFAULTS["temperature"],
                    help="sampling temperature (default: %(default)s)")
     p.add_argument("--mid-layer", type=int, default=None,
                    help="the middle layer, numbered as mppm_ext.models.layers (default: L // 2)")
     p.add_argument("--mid-cases", type=int, default=None,
-                   help=f"cases the middle-layer Jacobian runs on, spread over the set (default: {DEFAULTS['mid_cases']}, "
-                        f"--quick {QUICK['mid_cases']}); it runs greedy only")
+                   help="restrict the middle-layer Jacobian (the costliest method) to N cases spread over the set "
+                        "(default: all)")
     p.add_argument("--strengths", type=_strength_arg, action="append", default=[], metavar="METHOD=S1,S2,...",
                    help=f"a method's strength grid (repeatable; methods {', '.join(KINDS)}; default {grids})")
     p.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
     p.add_argument("--resamples", type=int, default=DEFAULTS["resamples"], help="bootstrap resamples (default: %(default)s)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="sampling and bootstrap seed (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default: %(default)s: on a 2-core machine shared with other jobs, one "
+                        "thread ran a --quick job 4x faster in wall time than two, which wait on each other)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--render-only", action="store_true",
                    help="generate nothing: rewrite report.md, report.csv and the PNGs from --out's report.json")
@@ -203,6 +207,19 @@ def _notes(loaded) -> list[str]:
     return notes
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` for the block (a caller in the same process keeps its own)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     import shlex
     import sys
@@ -220,6 +237,8 @@ def run_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--render-only: cannot read {args.out / 'report.json'}: {err}") from err
         print("wrote " + ", ".join(str(p) for p in bench_report.write(report, args.out, json_too=False)))
         return 0
+    if isinstance(args.threads, bool) or args.threads < 1:
+        raise ValueError(f"--threads must be an int >= 1, got {args.threads}")
     base = QUICK if args.quick else DEFAULTS
     strengths = dict(base["strengths"])
     for name, grid in args.strengths:
@@ -248,7 +267,8 @@ def run_bench(args: argparse.Namespace) -> int:
                   mid_decodings=base["mid_decodings"], mid_solver=base["mid_solver"], extra_costs=base["extra_costs"],
                   resamples=args.resamples, seed=args.seed, batch=base["batch"])
     checkpoint = args.out / "rows.partial.json"
-    result = bench.run(progress=not args.no_progress, checkpoint=checkpoint)
+    with _torch_threads(args.threads):
+        result = bench.run(progress=not args.no_progress, checkpoint=checkpoint)
     config = dict(model=loaded.name, trained=loaded.trained, source=str(loaded.source), quick=args.quick,
                   judge=f"the unsteered {loaded.name}", notes=_notes(loaded),
                   command=" ".join(["mppm", "steer-bench", *(shlex.quote(a) for a in sys.argv[2:])])

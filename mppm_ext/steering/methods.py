@@ -71,7 +71,9 @@ def make_method(name: str, strengths: Sequence[float], mid_layer: int) -> Method
 class LogitBias:
     """Context manager: while active, a forward hook on the model's LM head adds ``bias`` nats to the
     logits of each row's target tokens at the newest position (the one generation reads); the other
-    positions' logits are left as they are.
+    positions' logits are left as they are. A forward call over another number of rows than
+    ``row_targets`` has (the shared prompt prefix of :func:`steered_generate`, one row per distinct prompt,
+    whose logits nothing reads) passes unchanged.
 
     Args:
         model: a Hugging Face causal LM; row_targets: per batch row ``[m_b]`` int64 target ids;
@@ -86,7 +88,9 @@ class LogitBias:
             add[i, t] = float(bias)
         self.add = add.to(head.weight.device)
 
-    def _hook(self, module, args, output: Tensor) -> Tensor:
+    def _hook(self, module, args, output: Tensor) -> Optional[Tensor]:
+        if output.shape[0] != self.add.shape[0]:
+            return None
         out = output.clone()
         out[:, -1] += self.add.to(out.dtype)
         return out
