@@ -212,9 +212,11 @@ def evaluate_task(agg: dict, cal: np.ndarray, test: np.ndarray, y: np.ndarray, d
     return rows, delta, curves
 
 
-def measure_overhead(lm, prompt_ids: list, new_tokens: int, window: int, repeats: int = 3) -> dict:
+def measure_overhead(lm, prompt_ids: list, new_tokens: int, window: int, repeats: int = 5) -> dict:
     """Greedy generation of ``new_tokens`` after one prompt, without and with the monitor attached,
-    interleaved ``repeats`` times; medians in ms per generated token."""
+    interleaved ``repeats`` times; medians in ms per generated token of wall-clock and of process CPU time
+    (on a shared machine the wall clock also counts other jobs' time slices; the CPU time does not), and
+    the 1-minute load average at the end."""
     from ..monitor import EnergyMonitor
 
     ids = torch.tensor([prompt_ids])
@@ -223,23 +225,36 @@ def measure_overhead(lm, prompt_ids: list, new_tokens: int, window: int, repeats
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
               min_new_tokens=new_tokens, pad_token_id=pad)
     mon = EnergyMonitor(lm.model, window=window)
-    times = {"plain": [], "monitored": []}
+    clocks = {"": time.perf_counter, "cpu_": time.process_time}
+    times = {(mode, clock): [] for mode in ("plain", "monitored") for clock in clocks}
     with torch.no_grad():
         lm.model.generate(ids, **kw)  # warm-up
         for _ in range(repeats):
-            for mode in times:
+            for mode in ("plain", "monitored"):
                 mon.reset()
-                start = time.perf_counter()
+                start = {clock: fn() for clock, fn in clocks.items()}
                 if mode == "monitored":
                     with mon:
                         lm.model.generate(ids, **kw)
                 else:
                     lm.model.generate(ids, **kw)
-                times[mode].append((time.perf_counter() - start) * 1000 / new_tokens)
-    plain, monitored = float(np.median(times["plain"])), float(np.median(times["monitored"]))
-    return dict(model=lm.name, new_tokens=new_tokens, repeats=repeats, plain_ms_per_token=plain,
-                monitored_ms_per_token=monitored, overhead_ms_per_token=monitored - plain,
-                overhead_fraction=(monitored - plain) / plain, torch_threads=torch.get_num_threads())
+                for clock, fn in clocks.items():
+                    times[(mode, clock)].append((fn() - start[clock]) * 1000 / new_tokens)
+    out = dict(model=lm.name, new_tokens=new_tokens, repeats=repeats)
+    for clock in clocks:
+        plain, monitored = (float(np.median(times[(mode, clock)])) for mode in ("plain", "monitored"))
+        out.update({f"plain_{clock}ms_per_token": plain, f"monitored_{clock}ms_per_token": monitored,
+                    f"overhead_{clock}ms_per_token": monitored - plain,
+                    f"overhead_{clock}fraction": (monitored - plain) / plain})
+    return dict(out, computed_from=dict(mon.computed_from), torch_threads=torch.get_num_threads(),
+                load_average=_load_average())
+
+
+def _load_average() -> Optional[float]:
+    """The 1-minute load average (None where the platform has none)."""
+    import os
+
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def run(out: Path, model_names: Optional[Sequence[str]], s: Settings, *, quick: bool, progress: bool = True,
