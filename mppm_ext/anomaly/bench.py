@@ -247,14 +247,14 @@ def measure_overhead(lm, prompt_ids: list, new_tokens: int, window: int, repeats
                     f"overhead_{clock}ms_per_token": monitored - plain,
                     f"overhead_{clock}fraction": (monitored - plain) / plain})
     return dict(out, computed_from=dict(mon.computed_from), torch_threads=torch.get_num_threads(),
-                load_average=_load_average())
+                load_average=(_load_averages() or [None])[0])
 
 
-def _load_average() -> Optional[float]:
-    """The 1-minute load average (None where the platform has none)."""
+def _load_averages() -> Optional[list]:
+    """The 1-, 5- and 15-minute load averages (None where the platform has none)."""
     import os
 
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def run(out: Path, model_names: Optional[Sequence[str]], s: Settings, *, quick: bool, progress: bool = True,
@@ -262,7 +262,7 @@ def run(out: Path, model_names: Optional[Sequence[str]], s: Settings, *, quick: 
     """The whole benchmark; returns the results dict (also written to ``out``)."""
     from .report import plot_rocs, write_report
 
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     entries, missing = resolve_models(model_names)
     task_model = next((e for e in entries if e.trained), entries[0])
     log(f"building tasks with {task_model.name} ({s.n} positives and {s.n} negatives per task and split)")
@@ -312,6 +312,8 @@ def run(out: Path, model_names: Optional[Sequence[str]], s: Settings, *, quick: 
                       torch_threads=torch.get_num_threads()),
         rows=rows, deltas=deltas, overhead=overhead, timing=timing)
     results["wall_s"] = time.perf_counter() - start
+    results["cpu_s"] = time.process_time() - start_cpu
+    results["load_average_end"] = _load_averages()
     write_results(results, out)
     plot_rocs(curves, results, out)
     write_report(results, out / "report.md")
