@@ -97,14 +97,14 @@ def resolve_models(names: Optional[Sequence[str]]) -> tuple[list[ModelEntry], li
     return out, missing
 
 
-def _bar(total: int, desc: str, enabled: bool):
+def _bar(total: int, desc: str, enabled: bool, unit: str = "text"):
     from ..scan._optional import available
 
     if not enabled or not available("tqdm"):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="text", leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False)
 
 
 def _sampler(lm, seed: int, batch_size: int, continuation: int):
@@ -148,7 +148,7 @@ def build_tasks(lm, s: Settings, progress: bool) -> tuple[list, "T.Builder", lis
 
     builder = T.Builder(lm.tokenizer, host, donor, length=s.length, span=s.span, seed=s.seed, surprisal=surprisal,
                         sampler=_sampler(lm, s.seed, 4 * s.batch_size, s.continuation), continuation=s.continuation)
-    bar = _bar(2 * len(T.TASKS), "building tasks", progress)
+    bar = _bar(2 * len(T.TASKS), "building tasks", progress, unit="task")
     items = builder.build(s.n, n_pilot=s.pilot, grid=s.grid, progress=bar)
     if bar is not None:
         bar.close()
@@ -212,7 +212,8 @@ def evaluate_task(agg: dict, cal: np.ndarray, test: np.ndarray, y: np.ndarray, d
     return rows, delta, curves
 
 
-def measure_overhead(lm, prompt_ids: list, new_tokens: int, window: int, repeats: int = 5) -> dict:
+def measure_overhead(lm, prompt_ids: list, new_tokens: int, window: int, repeats: int = 5,
+                     progress: bool = False) -> dict:
     """Greedy generation of ``new_tokens`` after one prompt, without and with the monitor attached,
     interleaved ``repeats`` times; medians in ms per generated token of wall-clock and of process CPU time
     (on a shared machine the wall clock also counts other jobs' time slices; the CPU time does not), and
@@ -227,6 +228,7 @@ def measure_overhead(lm, prompt_ids: list, new_tokens: int, window: int, repeats
     mon = EnergyMonitor(lm.model, window=window)
     clocks = {"": time.perf_counter, "cpu_": time.process_time}
     times = {(mode, clock): [] for mode in ("plain", "monitored") for clock in clocks}
+    bar = _bar(2 * repeats, "monitor overhead", progress, unit="generation")
     with torch.no_grad():
         lm.model.generate(ids, **kw)  # warm-up
         for _ in range(repeats):
@@ -240,6 +242,10 @@ def measure_overhead(lm, prompt_ids: list, new_tokens: int, window: int, repeats
                     lm.model.generate(ids, **kw)
                 for clock, fn in clocks.items():
                     times[(mode, clock)].append((fn() - start[clock]) * 1000 / new_tokens)
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
     out = dict(model=lm.name, new_tokens=new_tokens, repeats=repeats)
     for clock in clocks:
         plain, monitored = (float(np.median(times[(mode, clock)])) for mode in ("plain", "monitored"))
@@ -274,7 +280,7 @@ def run(out: Path, model_names: Optional[Sequence[str]], s: Settings, *, quick: 
     row_of = {t: i for i, t in enumerate(texts)}
     log(f"{len(texts)} distinct texts; temperature {builder.temperature} matches the human mean surprisal")
     overhead = measure_overhead(task_model.loaded, builder.host[T.SPLITS[1]].take(1)[0].ids[:16],
-                                s.overhead_tokens, s.window)
+                                s.overhead_tokens, s.window, progress=progress)
     rows, deltas, curves, timing = [], [], {}, {"build_tasks_s": build_s}
     text_means = {}  # task model: mean over texts of the text's mean surprisal, positives and negatives
     for entry in entries:

@@ -184,9 +184,9 @@ def write_report(results: dict, path: Path) -> None:
     lines += ["", "## Monitor overhead", "",
               f"Greedy generation of {ov['new_tokens']} tokens with {ov['model']}: {_f(ov['plain_ms_per_token'], 1)} ms "
               f"per token without the monitor, {_f(ov['monitored_ms_per_token'], 1)} ms with it attached "
-              f"(+{_f(ov['overhead_ms_per_token'], 1)} ms, {100 * ov['overhead_fraction']:.0f}%); process CPU time "
+              f"({ov['overhead_ms_per_token']:+.1f} ms, {100 * ov['overhead_fraction']:+.1f}%); process CPU time "
               f"{_f(ov['plain_cpu_ms_per_token'], 1)} → {_f(ov['monitored_cpu_ms_per_token'], 1)} ms per token "
-              f"(+{_f(ov['overhead_cpu_ms_per_token'], 1)} ms, {100 * ov['overhead_cpu_fraction']:.0f}%); medians of "
+              f"({ov['overhead_cpu_ms_per_token']:+.1f} ms, {100 * ov['overhead_cpu_fraction']:+.1f}%); medians of "
               f"{ov['repeats']} interleaved runs, {ov['torch_threads']} threads{load}. The monitor scored "
               f"{ov['computed_from']['logits']} of the {sum(ov['computed_from'].values())} forward calls of a "
               "monitored run from the model's own logits and the rest (the prefill, whose logits the model forms "
