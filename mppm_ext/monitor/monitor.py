@@ -129,7 +129,7 @@ class EnergyMonitor:
         self.detach()
 
     def reset(self) -> None:
-        """Forget every record."""
+        """Forget every record and reset :attr:`computed_from`."""
         self._finished: list[SequenceRecord] = []
         self._segment: Optional[_Segment] = None
         self._call: Optional[tuple] = None
