@@ -50,7 +50,10 @@ def test_quick_run_writes_every_file(bench_dir):
     assert all((bench_dir / f"roc_{t}.png").stat().st_size > 1000 for t in T.TASKS)
     report = (bench_dir / "report.md").read_text()
     assert "## Answer" in report and "## Verdict per task" in report and "**Overall:" in report
-    assert results["overhead"]["monitored_ms_per_token"] > 0
+    ov = results["overhead"]
+    assert ov["monitored_ms_per_token"] > 0 and ov["monitored_cpu_ms_per_token"] > 0
+    # Generation: the prefill is scored from the states, every later step from the model's logits.
+    assert ov["computed_from"] == {"logits": ov["new_tokens"] - 1, "hidden": 1}
     # The report is a function of results.json: rewriting it from the file gives the same text.
     from mppm_ext.anomaly import report as report_mod
     assert report_mod.main([str(bench_dir)]) == 0

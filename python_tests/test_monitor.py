@@ -11,9 +11,10 @@ import torch
 pytest.importorskip("transformers")
 
 from gen_fixtures import model, tok  # noqa: E402,F401 (pytest fixtures)
+from helpers import assert_close, from_hidden_reference_pair, reference_pair  # noqa: E402
 
 from mppm_ext import reference  # noqa: E402
-from mppm_ext.models import capture  # noqa: E402
+from mppm_ext.models import anatomy, capture  # noqa: E402
 from mppm_ext.monitor import FEATURES, EnergyMonitor  # noqa: E402
 from mppm_ext.monitor.records import rolling_statistics  # noqa: E402
 
@@ -65,6 +66,40 @@ def test_records_equal_float64_reference(model, tok):
     np.testing.assert_allclose(rec["state_norm"], h.norm(dim=-1).numpy(), rtol=1e-6)
     cos = torch.nn.functional.cosine_similarity(h[1:], h[:-1], dim=-1).numpy()
     np.testing.assert_allclose(rec["cosine"][1:], cos, rtol=1e-5, atol=1e-6)
+
+
+def test_logits_path_and_hidden_path_within_the_tolerance_rule(model, tok):
+    """A forward that computes every logit is scored from the model's own logits; with logits_to_keep=1 (what
+    generate's prefill asks for) from the states through energy_from_hidden. Each path's surprisal, entropy
+    and log K meet the tolerance rule against the float64 reference on the model's states and logits, the
+    bound set by that path's own float32 reference (the float32 logits as given, or float32 GEMMs of the
+    float32 states and unembedding), so the two paths agree to float32 rounding."""
+    ids, mask = padded(encode(tok, TEXTS), "right")
+    cap = capture(model, ids, mask)
+    h, logits = cap.hidden["final"], cap.logits
+    weight, _ = anatomy.unembedding(model)
+    pairs = {"logits": reference_pair(h, logits, ids, attention_mask=mask),
+             "hidden": from_hidden_reference_pair(h, weight.detach(), ids, attention_mask=mask)}
+    for path, keep in (("logits", {}), ("hidden", {"logits_to_keep": 1})):
+        with EnergyMonitor(model, window=4) as mon, torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, **keep)
+        assert mon.computed_from == {"logits": int(path == "logits"), "hidden": int(path == "hidden")}
+        truth, ref = pairs[path]
+        for b, rec in enumerate(mon.records()):
+            n = int(mask[b].sum())
+            for name in ("surprisal", "entropy", "log_kinetic"):
+                ours = torch.from_numpy(rec[name]).float()
+                assert_close(ours, getattr(ref, name)[b, :n], getattr(truth, name)[b, :n], f"{path} {name} [{b}]")
+
+
+def test_generation_scores_steps_from_the_models_logits(model, tok):
+    """Cached generate: the prefill (logits of its last position only) is scored from the states, every
+    later step from the model's logits row and the row kept from the step before."""
+    ids = torch.tensor([encode(tok, TEXTS[:1])[0][:5]])
+    with EnergyMonitor(model, window=3) as mon:
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=1)
+    assert mon.computed_from == {"logits": 5, "hidden": 1}
+    assert mon._segment.last_logits.shape == (1, model.config.vocab_size)  # one row kept, not [B, T, V]
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -97,14 +97,14 @@ def resolve_models(names: Optional[Sequence[str]]) -> tuple[list[ModelEntry], li
     return out, missing
 
 
-def _bar(total: int, desc: str, enabled: bool):
+def _bar(total: int, desc: str, enabled: bool, unit: str = "text"):
     from ..scan._optional import available
 
     if not enabled or not available("tqdm"):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="text", leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False)
 
 
 def _sampler(lm, seed: int, batch_size: int, continuation: int):
@@ -148,7 +148,7 @@ def build_tasks(lm, s: Settings, progress: bool) -> tuple[list, "T.Builder", lis
 
     builder = T.Builder(lm.tokenizer, host, donor, length=s.length, span=s.span, seed=s.seed, surprisal=surprisal,
                         sampler=_sampler(lm, s.seed, 4 * s.batch_size, s.continuation), continuation=s.continuation)
-    bar = _bar(2 * len(T.TASKS), "building tasks", progress)
+    bar = _bar(2 * len(T.TASKS), "building tasks", progress, unit="task")
     items = builder.build(s.n, n_pilot=s.pilot, grid=s.grid, progress=bar)
     if bar is not None:
         bar.close()
@@ -212,9 +212,12 @@ def evaluate_task(agg: dict, cal: np.ndarray, test: np.ndarray, y: np.ndarray, d
     return rows, delta, curves
 
 
-def measure_overhead(lm, prompt_ids: list, new_tokens: int, window: int, repeats: int = 3) -> dict:
+def measure_overhead(lm, prompt_ids: list, new_tokens: int, window: int, repeats: int = 5,
+                     progress: bool = False) -> dict:
     """Greedy generation of ``new_tokens`` after one prompt, without and with the monitor attached,
-    interleaved ``repeats`` times; medians in ms per generated token."""
+    interleaved ``repeats`` times; medians in ms per generated token of wall-clock and of process CPU time
+    (on a shared machine the wall clock also counts other jobs' time slices; the CPU time does not), and
+    the 1-minute load average at the end."""
     from ..monitor import EnergyMonitor
 
     ids = torch.tensor([prompt_ids])
@@ -223,23 +226,41 @@ def measure_overhead(lm, prompt_ids: list, new_tokens: int, window: int, repeats
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
               min_new_tokens=new_tokens, pad_token_id=pad)
     mon = EnergyMonitor(lm.model, window=window)
-    times = {"plain": [], "monitored": []}
+    clocks = {"": time.perf_counter, "cpu_": time.process_time}
+    times = {(mode, clock): [] for mode in ("plain", "monitored") for clock in clocks}
+    bar = _bar(2 * repeats, "monitor overhead", progress, unit="generation")
     with torch.no_grad():
         lm.model.generate(ids, **kw)  # warm-up
         for _ in range(repeats):
-            for mode in times:
+            for mode in ("plain", "monitored"):
                 mon.reset()
-                start = time.perf_counter()
+                start = {clock: fn() for clock, fn in clocks.items()}
                 if mode == "monitored":
                     with mon:
                         lm.model.generate(ids, **kw)
                 else:
                     lm.model.generate(ids, **kw)
-                times[mode].append((time.perf_counter() - start) * 1000 / new_tokens)
-    plain, monitored = float(np.median(times["plain"])), float(np.median(times["monitored"]))
-    return dict(model=lm.name, new_tokens=new_tokens, repeats=repeats, plain_ms_per_token=plain,
-                monitored_ms_per_token=monitored, overhead_ms_per_token=monitored - plain,
-                overhead_fraction=(monitored - plain) / plain, torch_threads=torch.get_num_threads())
+                for clock, fn in clocks.items():
+                    times[(mode, clock)].append((fn() - start[clock]) * 1000 / new_tokens)
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    out = dict(model=lm.name, new_tokens=new_tokens, repeats=repeats)
+    for clock in clocks:
+        plain, monitored = (float(np.median(times[(mode, clock)])) for mode in ("plain", "monitored"))
+        out.update({f"plain_{clock}ms_per_token": plain, f"monitored_{clock}ms_per_token": monitored,
+                    f"overhead_{clock}ms_per_token": monitored - plain,
+                    f"overhead_{clock}fraction": (monitored - plain) / plain})
+    return dict(out, computed_from=dict(mon.computed_from), torch_threads=torch.get_num_threads(),
+                load_average=(_load_averages() or [None])[0])
+
+
+def _load_averages() -> Optional[list]:
+    """The 1-, 5- and 15-minute load averages (None where the platform has none)."""
+    import os
+
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def run(out: Path, model_names: Optional[Sequence[str]], s: Settings, *, quick: bool, progress: bool = True,
@@ -247,7 +268,7 @@ def run(out: Path, model_names: Optional[Sequence[str]], s: Settings, *, quick: 
     """The whole benchmark; returns the results dict (also written to ``out``)."""
     from .report import plot_rocs, write_report
 
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     entries, missing = resolve_models(model_names)
     task_model = next((e for e in entries if e.trained), entries[0])
     log(f"building tasks with {task_model.name} ({s.n} positives and {s.n} negatives per task and split)")
@@ -259,7 +280,7 @@ def run(out: Path, model_names: Optional[Sequence[str]], s: Settings, *, quick: 
     row_of = {t: i for i, t in enumerate(texts)}
     log(f"{len(texts)} distinct texts; temperature {builder.temperature} matches the human mean surprisal")
     overhead = measure_overhead(task_model.loaded, builder.host[T.SPLITS[1]].take(1)[0].ids[:16],
-                                s.overhead_tokens, s.window)
+                                s.overhead_tokens, s.window, progress=progress)
     rows, deltas, curves, timing = [], [], {}, {"build_tasks_s": build_s}
     text_means = {}  # task model: mean over texts of the text's mean surprisal, positives and negatives
     for entry in entries:
@@ -297,6 +318,8 @@ def run(out: Path, model_names: Optional[Sequence[str]], s: Settings, *, quick: 
                       torch_threads=torch.get_num_threads()),
         rows=rows, deltas=deltas, overhead=overhead, timing=timing)
     results["wall_s"] = time.perf_counter() - start
+    results["cpu_s"] = time.process_time() - start_cpu
+    results["load_average_end"] = _load_averages()
     write_results(results, out)
     plot_rocs(curves, results, out)
     write_report(results, out / "report.md")

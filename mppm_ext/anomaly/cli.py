@@ -19,7 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", action="append", default=None, metavar="NAME",
                    help="a model to score (repeatable; trained models get their random twin as a control); "
                         "default: the installed ones of smollm2-135m and gemma3-270m")
-    p.add_argument("--quick", action="store_true", help="small sizes (25 per class and split, 64-token texts): "
+    p.add_argument("--quick", action="store_true", help="small sizes (20 per class and split, 48-token texts): "
                                                         "a first look in a few minutes")
     p.add_argument("--host", default=None, help="host corpus (default: sotu)")
     p.add_argument("--donor", action="append", default=None, metavar="CORPUS",

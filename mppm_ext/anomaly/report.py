@@ -172,15 +172,25 @@ def write_report(results: dict, path: Path) -> None:
                  "direction, every threshold (TPR at 1% FPR: the calibration negatives' 99th percentile) and the "
                  "logistic models (L2, λ = 1, standardised inputs: high, low, mean of each feature) are fixed on "
                  f"the calibration split; intervals: {cfg['reps']} bootstrap resamples of test documents.")
-    lines.append(f"- Run time {results['wall_s']:.0f} s ("
+    load, threads = results.get("load_average_end"), results["versions"]["torch_threads"]
+    load_text = "" if load is None else (
+        ", load average " + " / ".join(f"{x:.1f}" for x in load) + " over the last 1 / 5 / 15 minutes at the end"
+        + (f" (above the {threads} torch threads: the machine was shared)" if load[2] > threads else ""))
+    lines.append(f"- Run time {results['wall_s']:.0f} s wall clock ("
                  + ", ".join(f"{k[:-2].replace('_', ' ')} {v:.0f} s" for k, v in results["timing"].items())
-                 + f"); torch {results['versions']['torch']}, transformers {results['versions']['transformers']}, "
-                 f"{results['versions']['torch_threads']} torch threads.")
+                 + f"), {results['cpu_s']:.0f} s process CPU time{load_text}; torch {results['versions']['torch']}, "
+                 f"transformers {results['versions']['transformers']}, {threads} torch threads.")
+    load = "" if ov.get("load_average") is None else f", 1-minute load average {ov['load_average']:.1f} at the end"
     lines += ["", "## Monitor overhead", "",
               f"Greedy generation of {ov['new_tokens']} tokens with {ov['model']}: {_f(ov['plain_ms_per_token'], 1)} ms "
               f"per token without the monitor, {_f(ov['monitored_ms_per_token'], 1)} ms with it attached "
-              f"(+{_f(ov['overhead_ms_per_token'], 1)} ms, {100 * ov['overhead_fraction']:.0f}%; median of "
-              f"{ov['repeats']} interleaved runs, {ov['torch_threads']} threads).", "",
+              f"({ov['overhead_ms_per_token']:+.1f} ms, {100 * ov['overhead_fraction']:+.1f}%); process CPU time "
+              f"{_f(ov['plain_cpu_ms_per_token'], 1)} → {_f(ov['monitored_cpu_ms_per_token'], 1)} ms per token "
+              f"({ov['overhead_cpu_ms_per_token']:+.1f} ms, {100 * ov['overhead_cpu_fraction']:+.1f}%); medians of "
+              f"{ov['repeats']} interleaved runs, {ov['torch_threads']} threads{load}. The monitor scored "
+              f"{ov['computed_from']['logits']} of the {sum(ov['computed_from'].values())} forward calls of a "
+              "monitored run from the model's own logits and the rest (the prefill, whose logits the model forms "
+              "for its last position only) from the states.", "",
               "## Checks on the construction", ""]
     first = cfg["models"][0]
     lines += [f"- {c}" for c in construction_checks(results, first)]
