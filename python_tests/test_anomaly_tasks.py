@@ -1,5 +1,6 @@
 """Task builders: labels and character spans are right, every split has its count, no host or donor
-document is in both splits, the matched splice picks the nearest-surprisal span, bad corpora raise."""
+document is in both splits, the matched splice keeps the candidate nearest the natural text's surprisal (and
+on a trained model gets much nearer it than the unmatched splice), bad corpora raise."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from mppm_ext.anomaly import features as F  # noqa: E402
 from mppm_ext.anomaly import tasks as T  # noqa: E402
+from mppm_ext.models.loading import installed_gguf  # noqa: E402
 from mppm_ext.models.tokenizer import byte_tokenizer  # noqa: E402
 
 LENGTH, SPAN, CONT = 48, 10, 20
@@ -93,20 +96,47 @@ def test_spans_point_at_the_anomaly(built):
         assert e == len(it.text) and it.text[s:e] == "a" * CONT  # temperature 0.5 matched the human text
 
 
-def test_matched_splice_picks_nearest_surprisal(built):
+def test_matched_splice_picks_nearest_text_surprisal(built):
     tok, b, host, donor, items = built
-    # Under the fake model a span's mean surprisal is the mean byte value of its tokens / 10 (as scored in
-    # its own context); the chosen span should be far closer to the replaced host tokens than a random one.
+    # Under the fake model a text's surprisal scores (highest / lowest window mean, text mean) follow its byte
+    # values: the kept candidate's scores should be far closer to its natural host passage's than those of a
+    # random donor span spliced in at the same place.
     gaps, random_gaps = [], []
     rng = np.random.default_rng(0)
+
+    def scores(ids):
+        return np.array(F.window_scores(fake_surprisal([ids])[0], b.window))
+
     for it in (it for it in items if it.task == "splice_matched"):
         s, e = it.span
         hostp = next(p for split in T.SPLITS for p in host[split] if p.doc == it.doc and tok.decode(p.ids)[:s] == it.text[:s])
-        replaced = np.mean(hostp.ids[s:e]) / 10
-        gaps.append(abs(np.mean([ord(c) for c in it.text[s:e]]) / 10 - replaced))
+        natural = scores(hostp.ids)
+        gaps.append(np.linalg.norm(scores(tok.encode(it.text, add_special_tokens=False)) - natural))
         d = donor[it.split][int(rng.integers(len(donor[it.split])))].ids
-        random_gaps.append(abs(np.mean(d[:SPAN]) / 10 - replaced))
+        random_gaps.append(np.linalg.norm(scores(hostp.ids[:s] + d[:SPAN] + hostp.ids[e:]) - natural))
     assert np.mean(gaps) < 0.5 * np.mean(random_gaps)
+    for split in T.SPLITS:  # the recorded means are those of the kept texts, the natural ones, all candidates
+        m = b.match[split]
+        assert m["candidates"] == 8 and len(m["chosen"]) == len(m["natural"]) == len(m["all_candidates"]) == 3
+
+
+@pytest.mark.skipif(installed_gguf("smollm2-135m") is None, reason="SmolLM2-135M is not installed (mppm setup)")
+def test_matched_splice_in_context_on_a_trained_model():
+    """On SmolLM2-135M (small sizes), the matched splice's text surprisal is much nearer the natural passages'
+    than the unmatched splice's, in the mean and in the highest window (the bench's surprisal feature)."""
+    from mppm_ext import models
+    from mppm_ext.anomaly.bench import QUICK, task_builder
+    from mppm_ext.monitor import EnergyMonitor
+
+    lm = models.load("smollm2-135m")
+    b = task_builder(lm, QUICK)
+    items = b.build(10, tasks=("splice", "splice_matched"))
+    recs = EnergyMonitor(lm.model, window=QUICK.window).run([it.text for it in items], lm.tokenizer)
+    stats = np.array([F.window_scores(r["surprisal"], QUICK.window) for r in recs])
+    task = np.array([it.task for it in items])
+    natural, matched, unmatched = (stats[task == t].mean(0) for t in ("natural", "splice_matched", "splice"))
+    gap, unmatched_gap = np.abs(matched - natural), np.abs(unmatched - natural)
+    assert gap[2] < 0.5 * unmatched_gap[2] and gap[0] < 0.5 * unmatched_gap[0], (natural, matched, unmatched)
 
 
 def test_temperature_search_and_jsonl(built, tmp_path):

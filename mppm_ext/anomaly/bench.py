@@ -128,8 +128,9 @@ def _sampler(lm, seed: int, batch_size: int, continuation: int):
     return sample
 
 
-def build_tasks(lm, s: Settings, progress: bool) -> tuple[list, "T.Builder", list]:
-    """Items of every task, the builder (temperature search) and the monitor-calibration texts."""
+def task_builder(lm, s: Settings) -> "T.Builder":
+    """The task builder over the host corpus's passages and the donor corpora's (interleaved), with ``lm``'s
+    tokeniser, surprisal (the monitor's) and sampler."""
     from ..data import load_corpus
     from ..monitor import EnergyMonitor
 
@@ -146,8 +147,14 @@ def build_tasks(lm, s: Settings, progress: bool) -> tuple[list, "T.Builder", lis
     def surprisal(seqs):
         return [r["surprisal"] for r in mon.run_ids(seqs, batch_size=s.batch_size)]
 
-    builder = T.Builder(lm.tokenizer, host, donor, length=s.length, span=s.span, seed=s.seed, surprisal=surprisal,
-                        sampler=_sampler(lm, s.seed, 4 * s.batch_size, s.continuation), continuation=s.continuation)
+    return T.Builder(lm.tokenizer, host, donor, length=s.length, span=s.span, seed=s.seed, surprisal=surprisal,
+                     sampler=_sampler(lm, s.seed, 4 * s.batch_size, s.continuation), continuation=s.continuation,
+                     window=s.window)
+
+
+def build_tasks(lm, s: Settings, progress: bool) -> tuple[list, "T.Builder", list]:
+    """Items of every task, the builder (temperature search) and the monitor-calibration texts."""
+    builder = task_builder(lm, s)
     bar = _bar(2 * len(T.TASKS), "building tasks", progress, unit="task")
     items = builder.build(s.n, n_pilot=s.pilot, grid=s.grid, progress=bar)
     if bar is not None:
@@ -311,7 +318,7 @@ def run(out: Path, model_names: Optional[Sequence[str]], s: Settings, *, quick: 
         config=dict(asdict(s), quick=quick, fpr=FPR, models=[e.name for e in entries], task_model=task_model.name,
                     missing_trained=[dict(name=n, install=INSTALL_HINT[n]) for n in missing],
                     temperature=builder.temperature, temperature_search=builder.temperature_search,
-                    human_mean_surprisal=builder.human_mean_surprisal, context_offset=builder.context_offset,
+                    human_mean_surprisal=builder.human_mean_surprisal, splice_match=builder.match,
                     text_mean_surprisal=text_means,
                     n_texts=len(texts)),
         versions=dict(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),

@@ -41,19 +41,30 @@ def token_values(rec: SequenceRecord) -> dict:
     return out
 
 
-def aggregates(rec: SequenceRecord, window: int) -> dict:
-    """name -> (high, low, mean) for every single feature of one text (NaN where nothing is finite)."""
-    out = {}
-    with warnings.catch_warnings():  # windows with no finite value give NaN, handled below
+def window_scores(x: np.ndarray, window: int) -> tuple:
+    """(high, low, mean) of one per-token array ``[T]`` as floats: the largest and smallest mean over the
+    trailing windows of ``window`` positions that hold at least ``window // 2`` finite values, and the mean
+    of the finite values (NaN where nothing is finite)."""
+    x = np.where(np.isfinite(x), x, np.nan)
+    with warnings.catch_warnings():  # windows with no finite value give NaN, handled by the callers
         warnings.simplefilter("ignore", RuntimeWarning)
-        for name, x in token_values(rec).items():
+        win = rolling(x, window)[window - 1:]
+        w = np.where(np.isfinite(win).sum(1) >= max(1, window // 2), np.nanmean(win, 1), np.nan)
+        return float(np.nanmax(w)), float(np.nanmin(w)), float(np.nanmean(x))
+
+
+def aggregates(rec: SequenceRecord, window: int) -> dict:
+    """name -> (high, low, mean) for every single feature of one text (NaN where nothing is finite); rolling
+    features are window statistics already, so their high and low are their own extremes."""
+    out = {}
+    for name, x in token_values(rec).items():
+        if name in ROLLING_FEATURES:
             x = np.where(np.isfinite(x), x, np.nan)
-            if name in ROLLING_FEATURES:
-                w = x
-            else:
-                win = rolling(x, window)[window - 1:]
-                w = np.where(np.isfinite(win).sum(1) >= max(1, window // 2), np.nanmean(win, 1), np.nan)
-            out[name] = (np.nanmax(w), np.nanmin(w), np.nanmean(x))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out[name] = (np.nanmax(x), np.nanmin(x), np.nanmean(x))
+        else:
+            out[name] = window_scores(x, window)
     return out
 
 

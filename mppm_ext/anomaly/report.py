@@ -11,7 +11,8 @@ from . import tasks as T
 
 TASK_TEXT = {
     "splice": "a span spliced in from another corpus",
-    "splice_matched": "a spliced span whose mean surprisal matches the host tokens it replaces",
+    "splice_matched": "a spliced span chosen so that the spliced text's surprisal (in context) matches the host "
+                      "passage's",
     "sampled": "the model's own continuation at matched perplexity against the human one",
     "repetition": "a repetition loop",
     "injection": "a templated instruction injection (test templates unseen in calibration)",
@@ -128,9 +129,16 @@ def construction_checks(results: dict, model: str) -> list[str]:
     out.append(f"Spliced spans score **{lk['direction']}** log K than natural text (direction fixed on calibration; "
                f"test AUROC {_ci(lk, 'auroc')}).")
     cfg = results["config"]
-    if cfg.get("context_offset") is not None:
-        out.append(f"The matched splice lowered each target by the measured context offset: a donor span is "
-                   f"{_f(cfg['context_offset'], 2)} nats/token more surprising spliced in than in its own document.")
+    match = cfg.get("splice_match") or {}
+    if match:
+        def scores(key: str) -> str:
+            return " and ".join(f"{split} {' / '.join(_f(v, 2) for v in m[key])}" for split, m in match.items())
+
+        k = next(iter(match.values()))["candidates"]
+        out.append(f"The matched splice scored {k} candidate spans per host passage in context and kept the one "
+                   "whose text surprisal scores (highest window mean / lowest window mean / text mean, nats/token) "
+                   f"were nearest the natural passage's. Means over the kept texts: {scores('chosen')}; over the "
+                   f"natural host passages: {scores('natural')}; over all candidates: {scores('all_candidates')}.")
     out.append(f"Sampled continuations: temperature {cfg['temperature']} (top-p 0.95), interpolated from the search "
                + ", ".join(f"τ = {r['temperature']}: {_f(r['mean_surprisal'], 2)}" for r in cfg["temperature_search"])
                + " nats/token on the pilot prompts, to match the human continuations' "
