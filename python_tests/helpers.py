@@ -40,7 +40,9 @@ def reference_pair(hidden, logits, tokens, **kwargs):
     statistics of such entropies then differ by algorithm, not by a kernel's error."""
     truth = reference.energy(hidden.double(), logits.double(), tokens, **kwargs)
     plain = reference.energy(hidden.float(), logits.float(), tokens, **kwargs)
-    refs = [plain, _lse_form(plain, logits.float(), kwargs.get("temperature", 1.0))]
+    # The CPU kernels' tiles: 512 logits in float32 rows, 1024 in 16-bit ones (csrc/cpu/row_kernels.inc).
+    tile = 512 if logits.dtype == torch.float32 else 1024
+    refs = [plain, _lse_form(plain, logits.float(), kwargs.get("temperature", 1.0), tile)]
     return truth, _envelope(truth, refs)
 
 
@@ -60,14 +62,14 @@ def _lane_sum(x: Tensor, lanes: int = 16, accumulators: int = 2, tile: int = 102
     return per_lane.double().sum((-1, -2, -3)) + tail.double().sum(-1)
 
 
-def _lse_form(result, logits, temperature: float):
+def _lse_form(result, logits, temperature: float, tile: int):
     """``result`` with its entropy recomputed as the online-softmax kernels do, log s - u / s, with s and u
     summed in float32 lanes as they sum them (:func:`_lane_sum`), and the statistics finished again."""
     z = (logits / temperature).float()
     shifted = z - z.amax(-1, keepdim=True)
     e = torch.exp(shifted)
-    s = _lane_sum(e)
-    u = _lane_sum(e * torch.where(e > 0, shifted, 0.0))
+    s = _lane_sum(e, tile=tile)
+    u = _lane_sum(e * torch.where(e > 0, shifted, 0.0), tile=tile)
     entropy = torch.where(result.entropy.isnan(), float("nan"), (torch.log(s) - u / s).float())
     return reference.energy_from_parts(result.log_prob, result.kinetic, entropy, result.logsumexp)
 
