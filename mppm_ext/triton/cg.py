@@ -24,10 +24,12 @@ BLOCK_D = 64
 
 
 def launch_config(m: int) -> tuple[int, int]:
-    """``(M_PAD, num_warps)`` for m targets: the Gram tile padded to a power of two >= 16 (tl.dot's least),
-    8 warps to hold a 128 x 128 one in registers."""
+    """``(M_PAD, num_warps)`` for m targets: the Gram tile padded to a power of two >= 16 (tl.dot's least).
+    Its fp64 copy takes 2 * M_PAD^2 / threads registers a thread (sm_90, bench/results/triton-sm_90.txt):
+    at M_PAD = 64, 4 warps spilled 632 bytes a thread, 8 warps none (176 registers); at M_PAD = 128,
+    8 warps spill ~2.2 KB a thread and 16 warps more (ptxas then caps a thread at 64 registers)."""
     m_pad = max(16, triton.next_power_of_2(m))
-    return m_pad, 4 if m_pad <= 64 else 8
+    return m_pad, 4 if m_pad <= 32 else 8
 
 
 @triton.jit
