@@ -66,6 +66,7 @@ def energy_specs(T: int = 32768, V: int = 50257, d: int = 2048) -> list[Spec]:
     out = []
     for dt in ("bf16", "fp16", "fp32"):
         block_v = energy._BLOCK_V[_torch_dtype(dt)]
+        vec = energy._VEC[_torch_dtype(dt)]
         types = dict(hidden_ptr=PTR[dt], logits_ptr=PTR[dt], labels_ptr="*i64", real_ptr="*u8", scored_ptr="*u8",
                      out_ptr="*fp64", T="i32", V="i32", D="i32", plane="i32", inv_temperature="fp64", h_sb="i64",
                      h_st="i32", l_sb="i64", l_st="i32", lab_sb="i32", lab_st="i32", real_sb="i32", real_st="i32",
@@ -73,8 +74,8 @@ def energy_specs(T: int = 32768, V: int = 50257, d: int = 2048) -> list[Spec]:
         values = dict(T=T, V=V, D=d, plane=8 * T, h_sb=T * d, h_st=d, l_sb=T * V, l_st=V, lab_sb=T, lab_st=1,
                       real_sb=T, real_st=1, sc_sb=T, sc_st=1)
         out.append(Spec(f"energy {dt} logits (B=8, T={T}, V={V}, d={d})", energy._energy_kernel, types, values,
-                        dict(VEC=energy._VEC[_torch_dtype(dt)], BLOCK_V=block_v,
-                             BLOCK_TAIL=max(1, block_v // energy._TAIL_SPLIT), BLOCK_D=energy._BLOCK_D),
+                        dict(VEC=vec, LANES=block_v // (energy._ROWS * vec), ROWS=energy._ROWS,
+                             BLOCK_D=energy._BLOCK_D, FTZ=True),
                         dict(num_warps=energy._NUM_WARPS),
                         loop_elements=block_v // (32 * energy._NUM_WARPS)))
     return out
