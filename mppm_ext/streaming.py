@@ -43,12 +43,20 @@ class Budget:
 
 #: CPU: a 2^22-element tile (16 MiB) keeps each torch.mm near BLAS peak (a 1024 x 4096 x d product) and
 #: 4096 columns keep a tile row in L2 for the epilogue; the chunk is capped at 64 MiB for wide states.
-#: CUDA: every tile costs ~30-50 us of Python and launches (a GEMM, the epilogue op), so tiles must be
-#: large next to that: 2^27 elements (512 MiB, e.g. 8192 x 16384) are 0.7 ms of GEMM at d = 2048 on an
-#: H100 (790 TFLOP/s), keeping the per-tile overhead under ~7%.
+#: CUDA: the epilogue (csrc/cuda/softmax_tile_cuda.cu) must find the tile that cuBLAS just wrote in L2
+#: (50 MB on an H100, 60 MB on an H200), so a tile is 2^23 float32 (32 MiB, 2048 x 4096), beside the
+#: product's operands (at d = 2048 in bf16: a 16 MiB chunk of W and 8 MiB of hidden rows). Design
+#: figures at the target shape N = 8192, d = 2048, V = 50257, bf16 (H200: ~790 TFLOP/s bf16 and 4.3 TB/s
+#: of copy measured, 1.98 GHz, 132 SMs): a tile's GEMM is 2 * 2048 * 4096 * 2048 = 34 GFLOP = 44 us; its
+#: epilogue reads 32 MiB (7.8 us even from HBM, 18%; ~3 us from L2) and spends ~20 instructions on each of
+#: 2^23 elements (5 us of the chip's 3.3e13 lane-instructions/s): ~1.15-1.2x the bare GEMM (2.1 ms for
+#: the whole product; 4 x 13 = 52 tiles). The earlier 2^27-element tiles (512 MiB) round-tripped through
+#: HBM: 0.25 ms of traffic on 0.7 ms of GEMM. The cost of a smaller tile is issue time: each takes ~30-50
+#: us of Python and two launches, about its 44 us of GPU time at d = 2048 (less than it for d < 2048),
+#: so launches queue only just ahead of the GPU; the GPU session's profile says whether they keep up.
 BUDGETS = {
     "cpu": Budget(tile=1 << 22, chunk=1 << 24, max_cols=4096),
-    "cuda": Budget(tile=1 << 27, chunk=1 << 26, max_cols=16384),
+    "cuda": Budget(tile=1 << 23, chunk=1 << 26, max_cols=4096),
 }
 
 

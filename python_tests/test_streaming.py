@@ -1,8 +1,13 @@
 """mppm_ext.streaming against log_softmax / logsumexp of the full logits in float64."""
 
+import traceback
+from pathlib import Path
+
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
+import mppm_ext
 from backends_from_hidden import BACKENDS, BACKENDS_ISA, backend_isa  # noqa: F401 (fixture)
 from helpers import assert_close
 from mppm_ext import streaming
@@ -77,6 +82,54 @@ def test_non_finite_logit_names_its_position(small_tiles, backend, moments):
             streaming.softmax_moments(*_to(device, hidden, weight, b), impl=impl)
         else:
             streaming.token_log_prob_from_hidden(*_to(device, hidden, weight, b, targets), impl=impl)
+
+
+class HostReads(TorchFunctionMode):
+    """Records every call the package itself makes (the caller's frame in mppm_ext) to a tensor operation
+    that reads device data back to the host: on CUDA each one is a synchronisation, on CPU the same call
+    sites run, so counting them here counts the syncs a CUDA call would make (the backends share this
+    Python; only the tile sizes and the product's variant depend on the device)."""
+
+    READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy",
+             "masked_select", "unique", "argwhere"}
+    PACKAGE = str(Path(mppm_ext.__file__).parent)
+    TORCH = str(Path(torch.__file__).parent)
+
+    def __init__(self):
+        super().__init__()
+        self.sites = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        mask_index = name in ("__getitem__", "__setitem__") and any(
+            isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in args[1:2])
+        if name in self.READS or mask_index:
+            # The nearest frame outside torch (which may wrap the call in Python) is the call site.
+            caller = next(f for f in reversed(traceback.extract_stack(limit=8)[:-1]) if self.TORCH not in f.filename)
+            if caller.filename.startswith(self.PACKAGE):
+                self.sites.append(f"{name} at {Path(caller.filename).name}:{caller.lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_host_read_per_call(small_tiles, backend):
+    """Each public streaming call reads device data back once (its one fault check), however many tiles
+    its loop folds (5 x 3 tiles here: 4 row blocks x 33 vocabulary chunks)."""
+    impl, device = backend
+    hidden, weight, b, targets = _to(device, *_problem(17, 97, 8))
+    tokens = targets.view(1, -1)
+    calls = {
+        "token_log_prob_from_hidden": lambda: streaming.token_log_prob_from_hidden(hidden, weight, b, targets,
+                                                                                   impl=impl),
+        "softmax_moments": lambda: streaming.softmax_moments(hidden, weight, b, impl=impl),
+        "energy_from_hidden": lambda: mppm_ext.energy_from_hidden(hidden.unsqueeze(0), weight, tokens, bias=b,
+                                                                  impl=impl),
+    }
+    for name, call in calls.items():
+        call()  # first calls may probe the device once (streaming._mm_float32_out)
+        with HostReads() as reads:
+            call()
+        assert len(reads.sites) == 1, f"{name}: {reads.sites}"
 
 
 @pytest.mark.parametrize("device_type", ["cpu", "cuda"])

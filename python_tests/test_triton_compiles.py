@@ -35,7 +35,7 @@ out = {}
 sig = dict(hidden_ptr="*bf16", logits_ptr="*bf16", labels_ptr="*i64", real_ptr="*u8", scored_ptr="*u8",
            out_ptr="*fp64", T="i32", V="i32", D="i32", plane="i32", inv_temperature="fp64", h_sb="i32", h_st="i32",
            l_sb="i64", l_st="i32", lab_sb="i32", lab_st="i32", real_sb="i32", real_st="i32", sc_sb="i32", sc_st="i32")
-out["energy"] = compile(energy._energy_kernel, sig, dict(VEC=8, BLOCK_V=8192, BLOCK_TAIL=2048, BLOCK_D=1024),
+out["energy"] = compile(energy._energy_kernel, sig, dict(VEC=8, LANES=256, ROWS=4, BLOCK_D=1024, FTZ=True),
                         ptrs(sig), num_warps=8)
 sig = dict(hidden_ptr="*bf16", weight_ptr="*bf16", bias_ptr="*bf16", targets_ptr="*i64", m_ptr="*fp32",
            s_ptr="*fp64", u_ptr="*fp64", picked_ptr="*fp32", N="i32", V="i32", D="i32", h_sn="i32", w_sv="i32",

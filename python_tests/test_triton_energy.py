@@ -151,8 +151,9 @@ def test_tile_boundaries(monkeypatch, V):
     logits landing in each of them."""
     from mppm_ext.triton import energy as module
 
-    monkeypatch.setitem(module._BLOCK_V, torch.float32, 16)
-    monkeypatch.setitem(module._BLOCK_V, torch.bfloat16, 16)
+    # Two bf16 slots (four fp32) of 8 (4) lanes, four rows a tile: 64-element tiles, 16-element tail tiles.
+    monkeypatch.setitem(module._BLOCK_V, torch.float32, 64)
+    monkeypatch.setitem(module._BLOCK_V, torch.bfloat16, 64)
     monkeypatch.setattr(module, "_BLOCK_D", 16)
     for dtype in (torch.float32, torch.bfloat16):
         hidden, logits, tokens = make_inputs(1, 9, 37, V, hidden_dtype=dtype, logits_dtype=dtype, device=DEVICE)

@@ -184,6 +184,46 @@ def test_non_finite_logits_give_nan(value):
     assert softmax_moments(hidden, weight, bias)[0].isnan().all()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on inf
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")  # and log 0
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # and the max of a NaN row
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_finite_logits_agree_with_softmax_tile(dtype):
+    """The Triton pass and the compiled one (chunked GEMM + ``softmax_tile``) agree row by row on -inf,
+    +inf and NaN logits that differ between rows: an inf entry of weight gives column j the logit
+    hidden[n, 0] * inf, i.e. -inf (legal, probability 0), +inf or NaN (0 * inf: both bad) by the sign of
+    hidden[n, 0]. Same rows flagged bad; elsewhere both within the tolerance rule of the float64 truth, -inf
+    at the same places (a target at a -inf column; a row whose every logit is -inf has logsumexp -inf)."""
+    from mppm_ext.streaming import log_prob_pass
+
+    compiled = "cuda" if DEVICE == "cuda" else "cpp"
+    V = 997  # two vocabulary tiles in the interpreter (512 wide): columns in the first and the second
+    hidden, weight, bias, targets = make_linear(6, 12, V, dtype=dtype)
+    hidden[:, 0] = torch.tensor([1.0, -1.0, 0.0, -2.0, 0.5, -0.5]).to(hidden)
+    for columns in ([3], [700], [3, 700, 996], list(range(V))):
+        w = weight.clone()
+        w[columns, 0] = float("inf")
+        t = targets.clone()
+        t[3] = columns[0]  # a -inf target on a row without a bad logit
+        ours, theirs = (log_prob_pass(impl, hidden, w, bias, t) for impl in ("triton", compiled))
+        bad = hidden[:, 0] >= 0  # +inf or NaN at the inf columns
+        assert torch.equal(ours.bad, bad) and torch.equal(theirs.bad, bad), (columns, ours.bad, theirs.bad)
+        truth = {}
+        for dt in (torch.float64, torch.float32):
+            z = logits_in(dt, hidden[~bad], w, bias)
+            truth[dt] = (torch.log_softmax(z, -1).gather(-1, t[~bad, None])[:, 0], torch.logsumexp(z, -1),
+                         torch.special.entr(torch.softmax(z, -1)).sum(-1))
+        for result in (ours, theirs):
+            if len(columns) == V:  # every logit of the good rows is -inf
+                assert (result.logsumexp[~bad] == float("-inf")).all()
+                continue
+            assert result.log_prob[3] == float("-inf")
+            for name, x, ref, exact in zip(("log_prob", "logsumexp", "entropy"),
+                                           (result.log_prob, result.logsumexp, result.entropy),
+                                           truth[torch.float32], truth[torch.float64]):
+                assert_close(x[~bad], ref, exact, name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_extreme_and_equal_logits(dtype):
     # Logits of size ~1e4: a few entries dominate, the rest underflow.

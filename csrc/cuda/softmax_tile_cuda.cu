@@ -1,7 +1,10 @@
 // CUDA `softmax_tile`: the CPU kernel's fold (softmax_tile_cpu.cpp) with one block per tile row.
-// A tile row is a few thousand floats that cuBLAS has just written (mostly still in L2), so the kernel
-// is short: a max pass that scales the row in place, then an exp pass that writes the probabilities in
-// place (moments pass) and sums the softmax's and the entropy's terms. Reductions use a fixed
+// A tile is what cuBLAS has just written: at most 2^23 floats (32 MiB, 2048 rows x 4096 columns; the
+// CUDA budget of mppm_ext/streaming.py, which gives the design arithmetic), sized to stay in L2 (50 MB
+// on an H100, 60 MB on an H200) beside the product's operands, so this kernel reads it from L2, not
+// HBM. A tile row is then 4096 floats (16 KiB): a max pass that scales the row in place, then an exp
+// pass over the same 16 KiB (in L1) that writes the probabilities in place (moments pass) and sums the
+// softmax's and the entropy's terms. Reductions use a fixed
 // element-to-thread assignment and fixed shuffle and shared-memory trees: no atomics, bitwise
 // reproducible. Faults are recorded in bad_col on the device; the caller checks it once per call.
 #include <cuda_runtime.h>

@@ -6,7 +6,7 @@ One family of kernels per module, each kernel ``_<op>_kernel`` next to the funct
                                         entropy, without the [N, V] logits
     linear.softmax_moments              logsumexp and W^T softmax(W h + b) in one pass over W
     cg.cg_solve                         batched conjugate gradient of the steering solve
-The online softmax with the entropy that the first three share is in ``_online``.
+The online softmax with the entropy is in ``_online`` (the linear kernels share it; energy keeps it in base 2).
 
 On a GPU-less machine the kernels run on CPU tensors in Triton's interpreter, which Triton turns on
 when ``TRITON_INTERPRET=1`` is set at the moment a kernel is defined, i.e. before the first import of

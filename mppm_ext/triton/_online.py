@@ -1,4 +1,5 @@
-"""The online softmax with the entropy, shared by the energy and fused-linear kernels (issue 12 contract).
+"""The online softmax with the entropy, shared by the fused-linear kernels (issue 12 contract), and the
+flushing exp2 (:func:`ex2`) of the energy kernel, which keeps the same quantities per thread in base 2.
 
 A partial state over some logits z of a row (raw, before the temperature; x = z * inv_t) is
     m  the largest z seen (fp32; -inf while nothing but -inf was seen),
@@ -50,3 +51,16 @@ def finish(m, s, u, inv_t):
     """``(lse, entropy)`` in fp64 of softmax(z * inv_t) from a row's full state."""
     log_s = tl.log(s)
     return m.to(tl.float64) * inv_t + log_s, log_s - inv_t * u / s
+
+
+@triton.jit
+def ex2(x, FTZ: tl.constexpr):
+    """2^x in fp32. FTZ: the one-instruction ``ex2.approx.ftz.f32`` (relative error < 2^-22, results
+    below 2^-126 flushed to 0), where tl.exp2 adds a per-element range fix-up (an FSETP and two
+    predicated FMULs on sm_90) to keep denormal results; the interpreter, which cannot run inline PTX,
+    takes tl.exp2."""
+    if FTZ:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)

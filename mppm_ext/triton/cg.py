@@ -19,6 +19,17 @@ from ._dot import compute_dtype, dot_precision, tl_dtype
 
 #: Largest m: the padded Gram tile (MAX_TARGETS^2 fp32) is held by one program's registers.
 MAX_TARGETS = 128
+#: d per step of the Gram dot: M_PAD x 64 operands.
+BLOCK_D = 64
+
+
+def launch_config(m: int) -> tuple[int, int]:
+    """``(M_PAD, num_warps)`` for m targets: the Gram tile padded to a power of two >= 16 (tl.dot's least).
+    Its fp64 copy takes 2 * M_PAD^2 / threads registers a thread (sm_90, bench/results/triton-sm_90.txt):
+    at M_PAD = 64, 4 warps spilled 632 bytes a thread, 8 warps none (176 registers); at M_PAD = 128,
+    8 warps spill ~2.2 KB a thread and 16 warps more (ptxas then caps a thread at 64 registers)."""
+    m_pad = max(16, triton.next_power_of_2(m))
+    return m_pad, 4 if m_pad <= 32 else 8
 
 
 @triton.jit
@@ -99,11 +110,10 @@ def cg_solve(G: Tensor, rhs: Tensor, lam: float, tol: float, max_iter: int) -> t
     u = torch.empty(B, m, dtype=torch.float32, device=G.device)
     iters = torch.empty(B, dtype=torch.int32, device=G.device)
     residual = torch.empty(B, dtype=torch.float32, device=G.device)
-    m_pad = max(16, triton.next_power_of_2(m))
-    # 64-wide d tiles: m_pad x 64 operands for the Gram dot; 8 warps hold a 128 x 128 Gram in registers.
+    m_pad, warps = launch_config(m)
     with on_device(G):
         _cg_kernel[(B,)](G, rhs, u, iters, residual, m, d, G.stride(0), G.stride(1), rhs.stride(0),
                          float(lam), float(tol) ** 2, int(max_iter),
-                         COMPUTE=tl_dtype(compute), PRECISION=dot_precision(compute), M_PAD=m_pad, BLOCK_D=64,
-                         num_warps=4 if m_pad <= 64 else 8)
+                         COMPUTE=tl_dtype(compute), PRECISION=dot_precision(compute), M_PAD=m_pad, BLOCK_D=BLOCK_D,
+                         num_warps=warps)
     return u, iters, residual

@@ -44,6 +44,10 @@ def _config(n: int, vocab: int, compute: torch.dtype) -> dict:
         # registers.
         block_n, block_v, block_d, warps, stages = min(block_n, 64), 64, 32, 4, 2
     else:
+        # 3 stages of the k loop's operands: 3 x (128 x 64 + 128 x 64) bf16 = 96 KiB of shared memory
+        # (bench/results/triton-sm_90.txt), so each HGMMA step's loads were issued two steps before it.
+        # At 190 registers a thread one program holds an SM; the softmax of a finished tile (~1.3 us
+        # against ~11 us of its HGMMAs at d = 2048) is not overlapped with the next tile's products.
         block_v, block_d, warps, stages = 128, 64, 8, 3
     if _interpreted():
         # The interpreter's cost is per operation, not per element: wider vocabulary tiles (same code,
