@@ -114,9 +114,7 @@ def linear_specs(V: int = 50257, d: int = 2048) -> list[Spec]:
     b = 8
     for h_dt, w_dt in (("fp32", "bf16"), ("bf16", "bf16")):
         compute = _torch_dtype("fp32" if h_dt != w_dt else h_dt)
-        cfg = linear._config(b, V, compute)
-        if compute != _torch_dtype("fp32"):
-            cfg.update(BLOCK_D=32, num_warps=4, num_stages=2)  # as linear.softmax_moments overrides
+        cfg = linear._config(b, V, compute, moments=True)
         types = dict(hidden_ptr=PTR[h_dt], weight_ptr=PTR[w_dt], bias_ptr=PTR[w_dt], m_ptr="*fp32", s_ptr="*fp64",
                      acc_ptr="*fp32", B="i32", V="i32", D="i32", h_sb="i32", w_sv="i32", tiles_per_split="i32",
                      inv_temperature="fp64")
@@ -124,7 +122,7 @@ def linear_specs(V: int = 50257, d: int = 2048) -> list[Spec]:
         out.append(Spec(f"softmax_moments h {h_dt}, W {w_dt} (B={b}, V={V}, d={d}; {cfg['splits']} splits)",
                         linear._softmax_moments_kernel, types, values, _linear_constexprs(linear, cfg, compute, False),
                         dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
-    cfg = linear._config(b, V, _torch_dtype("fp32"))
+    cfg = linear._config(b, V, _torch_dtype("fp32"), moments=True)
     out.append(Spec(f"softmax_moments_combine ({cfg['splits']} splits)", linear._softmax_moments_combine_kernel,
                     dict(m_ptr="*fp32", s_ptr="*fp64", acc_ptr="*fp32", lse_ptr="*fp64", wbar_ptr="*fp32", B="i32",
                          D="i32", inv_temperature="fp64"), dict(B=b, D=d), dict(SPLITS=cfg["splits"], BLOCK_D=256),

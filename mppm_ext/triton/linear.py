@@ -34,8 +34,9 @@ def _row_block(n: int) -> int:
     return max(16, min(128, triton.next_power_of_2(n)))
 
 
-def _config(n: int, vocab: int, compute: torch.dtype) -> dict:
-    """Tile sizes, launch options and the vocabulary split for n rows."""
+def _config(n: int, vocab: int, compute: torch.dtype, moments: bool = False) -> dict:
+    """Tile sizes, launch options and the vocabulary split for n rows (``moments``: for the
+    softmax_moments kernel, which adds the fp32 product P @ W to each tile)."""
     from . import _interpreted
 
     block_n = _row_block(n)
@@ -49,6 +50,11 @@ def _config(n: int, vocab: int, compute: torch.dtype) -> dict:
         # At 190 registers a thread one program holds an SM; the softmax of a finished tile (~1.3 us
         # against ~11 us of its HGMMAs at d = 2048) is not overlapped with the next tile's products.
         block_v, block_d, warps, stages = 128, 64, 8, 3
+        if moments:
+            # P @ W is fp32 whatever the operands: tiles as small as the fp32 path's. BLOCK_V = 128 with
+            # 4 warps spilled 400 B a thread on sm_90 (255 registers), 64 compiles to 227 without spill
+            # (bench/results/triton-sm_90.txt).
+            block_v, block_d, warps, stages = 64, 32, 4, 2
     if _interpreted():
         # The interpreter's cost is per operation, not per element: wider vocabulary tiles (same code,
         # other constants) keep V = 50257 to a few seconds in the tests.
@@ -314,10 +320,7 @@ def softmax_moments(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
     hidden, weight, bias, compute = _operands(hidden, weight, bias)
     B, D = hidden.shape
     V = weight.shape[0]
-    cfg = _config(B, V, compute)
-    if compute != torch.float32:
-        # The p @ W product is fp32 whatever the operands: keep its tiles as small as the fp32 path's.
-        cfg.update(BLOCK_D=32, num_warps=4, num_stages=2)
+    cfg = _config(B, V, compute, moments=True)
     splits = cfg["splits"]
     m = torch.empty(splits, B, dtype=torch.float32, device=hidden.device)
     s = torch.empty(splits, B, dtype=torch.float64, device=hidden.device)
