@@ -121,7 +121,8 @@ def test_matched_splice_pairs_its_own_negatives(built):
         # The negatives are natural host passages verbatim, of this split, none of them a shared negative.
         texts = {tok.decode(p.ids) for p in host[split]}
         assert all(it.text in texts and it.source is None for it in neg)
-        assert not {it.text for it in neg} & {it.text for it in shared} and not {it.text for it in neg} & {it.text for it in pos}
+        neg_texts = {it.text for it in neg}
+        assert not neg_texts & {it.text for it in shared} and not neg_texts & {it.text for it in pos}
         # Under the fake model the splices lower the lowest window (upper-case donor bytes): the kept pairs'
         # classes are much nearer each other than unmatched splices are to the shared negatives.
         unmatched = scores([it for it in items if it.task == "splice" and it.split == split])

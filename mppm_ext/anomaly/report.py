@@ -119,7 +119,8 @@ def construction_checks(results: dict, model: str) -> list[str]:
     out = []
     m = _row(results, model, "splice_matched", "surprisal")
     out.append(f"Matched splice: surprisal alone reaches AUROC {_ci(m, 'auroc')} on {model}, "
-               + ("so on this split it cannot tell the matched classes apart (the interval covers 0.5)." if _covers_half(m) else
+               + ("so it does not detectably separate the matched classes on the test split (the interval covers "
+                  "0.5)." if _covers_half(m) else
                   "so the pairing did not make it chance-level (the interval excludes 0.5)"
                   + (": this model is not the task model that the pairs were matched under."
                      if model != results["config"]["task_model"] else
@@ -137,9 +138,9 @@ def construction_checks(results: dict, model: str) -> list[str]:
             return " and ".join(f"{split} {' / '.join(_f(v, 2) for v in m[key])}" for split, m in match.items())
 
         pool = next(iter(match.values()))["pool"]
-        out.append(f"The matched splice spliced {pool} host passages per split as `splice` does, took {pool} further "
-                   f"natural passages from the same stretch of the host corpus, and kept the {cfg['n']} (spliced, "
-                   f"natural) pairs nearest in {cfg['task_model']}'s text surprisal scores (highest window mean / "
+        out.append(f"The matched splice's construction spliced {pool} host passages per split as `splice` does, took "
+                   f"{pool} further natural passages from the same stretch of the host corpus, and kept the "
+                   f"{cfg['n']} (spliced, natural) pairs nearest in {cfg['task_model']}'s text surprisal scores (highest window mean / "
                    "lowest window mean / text mean, each divided by its spread over the natural passages), greedily "
                    f"by distance; its negatives are these natural passages, not the shared ones. Means in "
                    f"nats/token (calibration and test): kept spliced texts {scores('kept_positives')}; kept natural "

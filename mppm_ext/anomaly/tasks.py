@@ -17,7 +17,8 @@ Tasks (positives):
   natural pool) are kept, greedily in order of distance, each text in at most one pair. The two classes then
   have nearly the same surprisal scores under the task model, so surprisal alone is near chance there by
   construction (under another model it need not be); the pairs come from where the two pools overlap, the
-  less surprising splices and the more surprising natural passages. (Earlier constructions matched each splice to
+  less surprising splices and the more surprising natural passages. (A scratch run at the default sizes on
+  SmolLM2-135M: surprisal's test AUROC 0.51 [0.44, 0.58] here against 0.96 [0.93, 0.98] on ``splice``.) (Earlier constructions matched each splice to
   its own host passage, by the span's surprisal in its own document or by the spliced text's in context,
   against the shared negatives; surprisal's AUROC stayed 0.92 and 0.84 on SmolLM2-135M: every splice raises
   the text's surprisal, and the shared negatives, the first passages handed out, are less surprising than
