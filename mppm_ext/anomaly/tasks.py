@@ -316,7 +316,8 @@ def nearest_pairs(pos: np.ndarray, neg: np.ndarray, n: int) -> tuple[np.ndarray,
     ``n > min(P, N)``."""
     if n > min(len(pos), len(neg)):
         raise ValueError(f"cannot pair {n} items out of {len(pos)} positives and {len(neg)} negatives")
-    dist = np.linalg.norm(pos[:, None, :] - neg[None, :, :], axis=2)
+    # Summed per coordinate: a [P, N] array at a time, not [P, N, d] (at --n 1000: 4000 x 4000 x 8 bytes each).
+    dist = np.sqrt(sum((pos[:, k, None] - neg[None, :, k]) ** 2 for k in range(pos.shape[1])))
     order = np.argsort(np.where(np.isnan(dist), np.inf, dist), axis=None, kind="stable")
     free_pos, free_neg = np.ones(len(pos), dtype=bool), np.ones(len(neg), dtype=bool)
     pi, ni = [], []
