@@ -97,3 +97,23 @@ def test_bad_input(tmp_path, capsys):
     short.write_text("a few words")
     assert main(COMMON + ["--host", str(short), "--out", str(tmp_path / "o3")]) == 2
     assert "no passage of 48 tokens" in capsys.readouterr().err
+
+
+def test_matched_splice_sentence_follows_the_interval(bench_dir):
+    """The report's matched-splice check says chance-level only when surprisal's interval covers 0.5, and
+    gives the reason that fits when it does not; the construction sentence quotes the recorded pairing."""
+    from mppm_ext.anomaly.report import _f, _nan, construction_checks
+
+    results = _nan(json.loads((bench_dir / "results.json").read_text()))
+    model = results["config"]["task_model"]
+    row = next(r for r in results["rows"] if r["model"] == model and r["task"] == "splice_matched"
+               and r["feature"] == "surprisal")
+    row.update(auroc=0.52, auroc_low=0.45, auroc_high=0.6)
+    first = construction_checks(results, model)
+    assert "does not detectably separate" in first[0] and "0.520 [0.450, 0.600]" in first[0]
+    match = results["config"]["splice_match"]["test"]
+    assert any(f"took {match['pool']} further natural passages" in c and _f(match["max_gap"], 2) in c for c in first)
+    row.update(auroc=0.8, auroc_low=0.7, auroc_high=0.9)
+    assert "still differ in surprisal" in construction_checks(results, model)[0]
+    results["config"]["task_model"] = "another"
+    assert "not the task model" in construction_checks(results, model)[0]

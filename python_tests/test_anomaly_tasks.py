@@ -1,6 +1,7 @@
 """Task builders: labels and character spans are right, every split has its count, no host or donor
-document is in both splits, the matched splice keeps the candidate nearest the natural text's surprisal (and
-on a trained model gets much nearer it than the unmatched splice), bad corpora raise."""
+document is in both splits, the matched splice's own negatives are paired with its positives by nearest
+surprisal scores (much nearer them than the shared negatives are to unmatched splices, also on a trained
+model), bad corpora raise."""
 
 from __future__ import annotations
 
@@ -19,10 +20,18 @@ from mppm_ext.models.tokenizer import byte_tokenizer  # noqa: E402
 LENGTH, SPAN, CONT = 48, 10, 20
 
 
-def docs(prefix: str, n: int, size: int = 400) -> list[str]:
+WORDS = ["alpha", "beta", "gamma", "delta", "sea", "ship", "wind", "stone", "fire."]
+
+
+def docs(prefix: str, n: int, size: int = 400, words=WORDS) -> list[str]:
     rng = np.random.default_rng(len(prefix) + n)
-    words = ["alpha", "beta", "gamma", "delta", "sea", "ship", "wind", "stone", "fire."]
     return [f"{prefix}{d} " + " ".join(rng.choice(words, size // 5)) for d in range(n)]
+
+
+#: Donor words: none a host word (a donor span is no piece of the host text), some upper-case, whose bytes
+#: are less "surprising" under the fake model, so that splices shift the surprisal scores and the matching
+#: has something to undo.
+DONOR_WORDS = ["SHIP", "WIND", "SEA", "moon", "rock", "tide", "oar", "salt."]
 
 
 def fake_surprisal(seqs):
@@ -38,7 +47,7 @@ def fake_sampler(prompts, temperature):
 def built():
     tok = byte_tokenizer()
     host = T.passages(tok, docs("host", 30), "host", LENGTH, seed=1)
-    donor = T.passages(tok, docs("donor", 30), "donor", LENGTH, seed=2)
+    donor = T.passages(tok, docs("donor", 30, words=DONOR_WORDS), "donor", LENGTH, seed=2)
     b = T.Builder(tok, host, donor, length=LENGTH, span=SPAN, seed=0, surprisal=fake_surprisal,
                   sampler=fake_sampler, continuation=CONT)
     items = b.build(6, n_pilot=3, grid=(0.5, 1.5))
@@ -48,10 +57,12 @@ def built():
 def test_counts_labels_and_splits(built):
     tok, b, host, donor, items = built
     for split in T.SPLITS:
-        assert sum(it.label == 0 and it.split == split for it in items) == 6
+        assert sum(it.task == "natural" and it.split == split for it in items) == 6
         for task in T.TASKS:
-            group = [it for it in items if it.task == task and it.split == split]
-            assert len(group) == 6 and all(it.label == 1 and it.span is not None for it in group)
+            group = [it for it in T.items_for(items, task) if it.split == split]
+            pos, neg = [it for it in group if it.label == 1], [it for it in group if it.label == 0]
+            assert len(pos) == len(neg) == 6 and all(it.task == task and it.span is not None for it in pos)
+            assert {it.task for it in neg} == {task if task in T.OWN_NEGATIVES else "natural"}
     assert all(it.span is None for it in items if it.label == 0)
     host_split = {}
     for it in items:
@@ -67,7 +78,7 @@ def test_counts_labels_and_splits(built):
 
 def test_spans_point_at_the_anomaly(built):
     tok, b, host, donor, items = built
-    by_task = {t: [it for it in items if it.task == t] for t in T.TASKS}
+    by_task = {t: [it for it in items if it.task == t and it.label == 1] for t in T.TASKS}
     for it in by_task["splice"] + by_task["splice_matched"]:
         s, e = it.span
         assert e - s == SPAN  # byte tokens: one character per token
@@ -96,34 +107,55 @@ def test_spans_point_at_the_anomaly(built):
         assert e == len(it.text) and it.text[s:e] == "a" * CONT  # temperature 0.5 matched the human text
 
 
-def test_matched_splice_picks_nearest_text_surprisal(built):
+def test_matched_splice_pairs_its_own_negatives(built):
     tok, b, host, donor, items = built
-    # Under the fake model a text's surprisal scores (highest / lowest window mean, text mean) follow its byte
-    # values: the kept candidate's scores should be far closer to its natural host passage's than those of a
-    # random donor span spliced in at the same place.
-    gaps, random_gaps = [], []
-    rng = np.random.default_rng(0)
 
-    def scores(ids):
-        return np.array(F.window_scores(fake_surprisal([ids])[0], b.window))
+    def scores(group):
+        return np.array([F.window_scores(fake_surprisal([tok.encode(it.text, add_special_tokens=False)])[0],
+                                         b.window) for it in group])
 
-    for it in (it for it in items if it.task == "splice_matched"):
-        s, e = it.span
-        hostp = next(p for split in T.SPLITS for p in host[split] if p.doc == it.doc and tok.decode(p.ids)[:s] == it.text[:s])
-        natural = scores(hostp.ids)
-        gaps.append(np.linalg.norm(scores(tok.encode(it.text, add_special_tokens=False)) - natural))
-        d = donor[it.split][int(rng.integers(len(donor[it.split])))].ids
-        random_gaps.append(np.linalg.norm(scores(hostp.ids[:s] + d[:SPAN] + hostp.ids[e:]) - natural))
-    assert np.mean(gaps) < 0.5 * np.mean(random_gaps)
-    for split in T.SPLITS:  # the recorded means are those of the kept texts, the natural ones, all candidates
+    shared = [it for it in items if it.task == "natural"]
+    for split in T.SPLITS:
+        pos = [it for it in items if it.task == "splice_matched" and it.label == 1 and it.split == split]
+        neg = [it for it in items if it.task == "splice_matched" and it.label == 0 and it.split == split]
+        # The negatives are natural host passages verbatim, of this split, none of them a shared negative.
+        texts = {tok.decode(p.ids) for p in host[split]}
+        assert all(it.text in texts and it.source is None for it in neg)
+        neg_texts = {it.text for it in neg}
+        assert not neg_texts & {it.text for it in shared} and not neg_texts & {it.text for it in pos}
+        # Under the fake model the splices lower the lowest window (upper-case donor bytes): the kept pairs'
+        # classes are much nearer each other than unmatched splices are to the shared negatives.
+        unmatched = scores([it for it in items if it.task == "splice" and it.split == split])
+        natural = scores([it for it in shared if it.split == split])
+        p, q = scores(pos), scores(neg)
+        scale = np.asarray(b.match[split]["scale"])
+        gap = np.abs(p.mean(0) - q.mean(0)) / scale
+        unmatched_gap = np.abs(unmatched.mean(0) - natural.mean(0)) / scale
+        assert unmatched_gap[1] > 0.5 and gap[1] < 0.25 * unmatched_gap[1], (gap, unmatched_gap)
+        # The recorded means are those of the kept texts (scored here the same way).
         m = b.match[split]
-        assert m["candidates"] == 8 and len(m["chosen"]) == len(m["natural"]) == len(m["all_candidates"]) == 3
+        np.testing.assert_allclose(m["kept_positives"], p.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(m["kept_negatives"], q.mean(0), rtol=1e-12)
+        assert m["pool"] == 4 * 6 and m["median_gap"] <= m["max_gap"]
+
+
+def test_nearest_pairs_greedy_and_disjoint():
+    pos = np.array([[0.0], [1.0], [5.0]])
+    neg = np.array([[1.1], [0.2], [9.0], [4.0]])
+    i, j = T.nearest_pairs(pos, neg, 3)
+    # Nearest first: (1, 0) at 0.1, then (0, 1) at 0.2, then (2, 3) at 1.0; never a row twice.
+    assert i.tolist() == [1, 0, 2] and j.tolist() == [0, 1, 3]
+    i, j = T.nearest_pairs(np.array([[0.0], [0.1]]), np.array([[0.05], [3.0]]), 2)
+    assert sorted(j.tolist()) == [0, 1] and len(set(i.tolist())) == 2
+    with pytest.raises(ValueError, match="cannot pair 3 items"):
+        T.nearest_pairs(pos, neg[:2], 3)
 
 
 @pytest.mark.skipif(installed_gguf("smollm2-135m") is None, reason="SmolLM2-135M is not installed (mppm setup)")
 def test_matched_splice_in_context_on_a_trained_model():
-    """On SmolLM2-135M (small sizes), the matched splice's text surprisal is much nearer the natural passages'
-    than the unmatched splice's, in the mean and in the highest window (the bench's surprisal feature)."""
+    """On SmolLM2-135M (small sizes), the matched splice's positives and its own negatives are much nearer
+    each other in text surprisal (highest window, the bench's surprisal feature, and mean) than the unmatched
+    splice's positives are to the shared negatives, when the bench's monitor scores the texts."""
     from mppm_ext import models
     from mppm_ext.anomaly.bench import QUICK, task_builder
     from mppm_ext.monitor import EnergyMonitor
@@ -133,10 +165,11 @@ def test_matched_splice_in_context_on_a_trained_model():
     items = b.build(10, tasks=("splice", "splice_matched"))
     recs = EnergyMonitor(lm.model, window=QUICK.window).run([it.text for it in items], lm.tokenizer)
     stats = np.array([F.window_scores(r["surprisal"], QUICK.window) for r in recs])
-    task = np.array([it.task for it in items])
-    natural, matched, unmatched = (stats[task == t].mean(0) for t in ("natural", "splice_matched", "splice"))
-    gap, unmatched_gap = np.abs(matched - natural), np.abs(unmatched - natural)
-    assert gap[2] < 0.5 * unmatched_gap[2] and gap[0] < 0.5 * unmatched_gap[0], (natural, matched, unmatched)
+    task, label = np.array([it.task for it in items]), np.array([it.label for it in items])
+    natural, unmatched = stats[task == "natural"].mean(0), stats[task == "splice"].mean(0)
+    matched_pos, matched_neg = (stats[(task == "splice_matched") & (label == y)].mean(0) for y in (1, 0))
+    gap, unmatched_gap = np.abs(matched_pos - matched_neg), np.abs(unmatched - natural)
+    assert gap[2] < 0.25 * unmatched_gap[2] and gap[0] < 0.25 * unmatched_gap[0], (gap, unmatched_gap)
 
 
 def test_temperature_search_and_jsonl(built, tmp_path):
@@ -148,6 +181,10 @@ def test_temperature_search_and_jsonl(built, tmp_path):
     assert len(rows) == len(T.TASKS) * 4 * 6
     assert set(rows[0]) >= {"task", "doc", "text", "label", "span"}
     assert {r["task"] for r in rows} == set(T.TASKS)
+    shared = {it.text for it in items if it.task == "natural"}
+    for task in T.TASKS:  # the shared negatives under every task but those with their own
+        neg = {r["text"] for r in rows if r["task"] == task and r["label"] == 0}
+        assert (neg == shared) == (task not in T.OWN_NEGATIVES) and len(neg) == 12
 
 
 def test_bad_corpora():

@@ -11,8 +11,8 @@ from . import tasks as T
 
 TASK_TEXT = {
     "splice": "a span spliced in from another corpus",
-    "splice_matched": "a spliced span chosen so that the spliced text's surprisal (in context) matches the host "
-                      "passage's",
+    "splice_matched": "spliced spans against natural passages of its own, the two paired by nearest surprisal "
+                      "text scores under the task model",
     "sampled": "the model's own continuation at matched perplexity against the human one",
     "repetition": "a repetition loop",
     "injection": "a templated instruction injection (test templates unseen in calibration)",
@@ -118,10 +118,13 @@ def feature_table(results: dict, model: str, task: str) -> str:
 def construction_checks(results: dict, model: str) -> list[str]:
     out = []
     m = _row(results, model, "splice_matched", "surprisal")
-    out.append(f"Matched splice: surprisal alone reaches AUROC {_ci(m, 'auroc')}, "
-               + ("so the matching worked (its interval covers chance)." if _covers_half(m) else
-                  "so the matching did not make it chance-level (the interval excludes 0.5): spans still differ "
-                  "in surprisal once spliced into a foreign context."))
+    out.append(f"Matched splice: surprisal alone reaches AUROC {_ci(m, 'auroc')} on {model}, "
+               + ("so it does not detectably separate the matched classes on the test split (the interval covers "
+                  "0.5)." if _covers_half(m) else
+                  "so the pairing did not make it chance-level (the interval excludes 0.5)"
+                  + (": this model is not the task model that the pairs were matched under."
+                     if model != results["config"]["task_model"] else
+                     ": the kept pairs still differ in surprisal (pair distances below).")))
     sh = _row(results, model, "shuffle", "surprisal")
     out.append(f"Shuffled spans (the sanity check): surprisal reaches AUROC {_ci(sh, 'auroc')}"
                + (", as expected." if sh["auroc_low"] > 0.9 else ", lower than expected for the sanity check."))
@@ -134,11 +137,21 @@ def construction_checks(results: dict, model: str) -> list[str]:
         def scores(key: str) -> str:
             return " and ".join(f"{split} {' / '.join(_f(v, 2) for v in m[key])}" for split, m in match.items())
 
-        k = next(iter(match.values()))["candidates"]
-        out.append(f"The matched splice scored {k} candidate spans per host passage in context and kept the one "
-                   "whose text surprisal scores (highest window mean / lowest window mean / text mean, nats/token) "
-                   f"were nearest the natural passage's. Means over the kept texts: {scores('chosen')}; over the "
-                   f"natural host passages: {scores('natural')}; over all candidates: {scores('all_candidates')}.")
+        pool = next(iter(match.values()))["pool"]
+        out.append(f"The matched splice's construction spliced {pool} host passages per split as `splice` does, took "
+                   f"{pool} further natural passages from the same stretch of the host corpus, and kept the "
+                   f"{cfg['n']} (spliced, natural) pairs nearest in {cfg['task_model']}'s text surprisal scores (highest window mean / "
+                   "lowest window mean / text mean, each divided by its spread over the natural passages), greedily "
+                   f"by distance; its negatives are these natural passages, not the shared ones. Means in "
+                   f"nats/token (calibration and test): kept spliced texts {scores('kept_positives')}; kept natural "
+                   f"passages {scores('kept_negatives')}; all spliced {scores('spliced')}; all natural "
+                   f"{scores('natural')}; pair distance (in spreads) median "
+                   + " and ".join(f"{split} {_f(m['median_gap'], 2)}" for split, m in match.items())
+                   + ", largest " + " and ".join(f"{split} {_f(m['max_gap'], 2)}" for split, m in match.items())
+                   + "." + (" The pairs come from where the two pools overlap: the kept splices are less surprising "
+                            "on average (text mean) than all splices, the kept natural passages more than all natural "
+                            "ones." if all(m["kept_positives"][2] < m["spliced"][2] and
+                                           m["kept_negatives"][2] > m["natural"][2] for m in match.values()) else ""))
     out.append(f"Sampled continuations: temperature {cfg['temperature']} (top-p 0.95), interpolated from the search "
                + ", ".join(f"τ = {r['temperature']}: {_f(r['mean_surprisal'], 2)}" for r in cfg["temperature_search"])
                + " nats/token on the pilot prompts, to match the human continuations' "
@@ -147,7 +160,6 @@ def construction_checks(results: dict, model: str) -> list[str]:
     if tm:
         out.append("Mean surprisal per text under " + cfg["task_model"] + " (anomalous / natural): "
                    + ", ".join(f"{t} {_f(v['positives'], 2)} / {_f(v['negatives'], 2)}" for t, v in tm.items()) + ".")
-    return out
     return out
 
 
@@ -173,7 +185,8 @@ def write_report(results: dict, path: Path) -> None:
     lines.append(f"- Host corpus `{cfg['host']}`, donor corpora {', '.join('`' + d + '`' for d in cfg['donors'])}; "
                  f"texts of {cfg['length']} tokens, anomalous spans of {cfg['span']} tokens (sampled continuations "
                  f"{cfg['continuation']}); {n} positives and {n} negatives per task in each of the calibration and "
-                 f"test splits ({2 * n} + {2 * n} per task); host and donor documents split in half, none in both; "
+                 f"test splits ({2 * n} + {2 * n} per task), the negatives natural passages shared by every task but "
+                 "`splice_matched`, which has its own (below); host and donor documents split in half, none in both; "
                  f"{cfg['n_texts']} distinct texts.")
     lines.append(f"- Text scores: per-token features averaged over windows of {cfg['window']} tokens, the text's "
                  "highest and lowest window (rolling features: their own extremes) and mean; a single feature's "

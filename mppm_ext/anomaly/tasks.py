@@ -8,15 +8,21 @@ tokenisation and decoded piece by piece, so the span offsets are exact character
 
 Tasks (positives):
 - ``splice``: tokens ``[a, a + span)`` replaced by a span of a donor document (another corpus);
-- ``splice_matched``: the same, matched *in context over the whole text*: per host passage ``candidates``
-  (8) donor spans are drawn (seeded, one from each stratum of the spans no more surprising in their own
-  document than the host tokens they replace), every spliced candidate text is scored by the model, and the
-  one whose text surprisal scores (the bench's surprisal feature: highest and lowest window mean, and the
-  text mean, :func:`.features.window_scores`) are nearest (Euclidean, nats) those of the natural host
-  passage is kept. The whole text, not the span: the foreign context also raises the surprisal at the
-  splice's edges and of the host tokens after it, which the text-level feature sees (a scratch comparison on
-  40 SmolLM2-135M host passages: surprisal's highest-window AUROC 0.84 when the span's in-context mean was
-  matched, 0.69 when the text's scores were, 0.92 for the lowest-surprisal candidate of the eight);
+- ``splice_matched``: the same splice, with negatives of its own, matched *by construction*: per split,
+  ``pool_factor · n`` (4n) host passages are spliced exactly as for ``splice`` and as many further natural
+  passages are taken from the same stretch of the host pool (alternate passages, so both come from the same
+  documents and positions); every text is scored by the task model as the bench tokenises it, and the ``n``
+  (spliced, natural) pairs nearest in the bench's surprisal text scores (highest and lowest window mean and
+  text mean, :func:`.features.window_scores`; Euclidean after dividing each score by its spread over the
+  natural pool) are kept, greedily in order of distance, each text in at most one pair. The two classes then
+  have nearly the same surprisal scores under the task model, so surprisal alone is near chance there by
+  construction (under another model it need not be); the pairs come from where the two pools overlap, the
+  less surprising splices and the more surprising natural passages. (A scratch run at the default sizes on
+  SmolLM2-135M: surprisal's test AUROC 0.51 [0.44, 0.58] here against 0.96 [0.93, 0.98] on ``splice``.) (Earlier constructions matched each splice to
+  its own host passage, by the span's surprisal in its own document or by the spliced text's in context,
+  against the shared negatives; surprisal's AUROC stayed 0.92 and 0.84 on SmolLM2-135M: every splice raises
+  the text's surprisal, and the shared negatives, the first passages handed out, are less surprising than
+  later passages.) The other tasks share one set of natural negatives per split;
 - ``sampled``: the first ``length − continuation`` tokens of a host passage continued by the model's own
   sample (top-p 0.95 at the temperature whose sampled mean surprisal is nearest that of the human
   continuations of calibration passages); the negatives are natural passages;
@@ -152,7 +158,7 @@ class Builder:
         self.temperature: Optional[float] = None
         self.temperature_search: list = []
         self.human_mean_surprisal: Optional[float] = None
-        self.match: dict = {}  # splice_matched, per split: mean text surprisal scores of natural, chosen, all
+        self.match: dict = {}  # splice_matched, per split: pool size, mean scores of pools and kept pairs
 
     # ---------------------------------------------------------------------------------- helpers
 
@@ -178,65 +184,39 @@ class Builder:
         return [Item("natural", p.doc, p.split, self.tok.decode(p.ids), 0, None) for p in self.host[split].take(n)]
 
     def splice(self, split: str, n: int, rng) -> list[Item]:
-        out = []
-        for host, donor in zip(self.host[split].take(n), self.donor[split].take(n)):
-            a, b = self._start(rng), int(rng.integers(0, len(donor.ids) - self.span + 1))
-            item = self._item("splice", host, [host.ids[:a], donor.ids[b:b + self.span], host.ids[a + self.span:]], 1)
-            item.source = donor.doc
-            out.append(item)
-        return out
+        return [self._splice(host, donor, rng)
+                for host, donor in zip(self.host[split].take(n), self.donor[split].take(n))]
 
-    def splice_matched(self, split: str, n: int, rng, candidates: int = 8, pool_factor: int = 3) -> list[Item]:
-        hosts = self.host[split].take(n)
-        pool = self.donor[split]
-        donors = pool.take(min(len(pool.items) - pool.next, n * pool_factor))
-        host_s = self.surprisal([h.ids for h in hosts])
-        donor_s = self.surprisal([d.ids for d in donors])
-        # Donor spans at stride span // 2 and their mean surprisal in their own document (position t scores
-        # token t + 1, so the span's tokens b..b+span-1 are scored at t = b-1 .. b+span-2).
-        spans = [(i, b) for i, s in enumerate(donor_s) for b in range(1, len(s) - self.span, max(1, self.span // 2))]
-        own = np.array([np.nanmean(donor_s[i][b - 1:b + self.span - 1]) for i, b in spans])
-        used = np.zeros(own.size, dtype=bool)
-        slots = []  # per host: (host, [(text, span offsets, donor doc) per candidate])
-        for h, s in zip(hosts, host_s):
-            a = self._start(rng)
-            cands = []
-            for j in self._draw(own, used, float(np.nanmean(s[a - 1:a + self.span - 1])), candidates, rng, split):
-                i, b = spans[j]
-                text, offsets = self._text([h.ids[:a], donors[i].ids[b:b + self.span], h.ids[a + self.span:]])
-                cands.append((text, offsets[1], donors[i].doc))
-            slots.append((h, cands))
-        # Every candidate text scored in context, tokenised as the bench tokenises it, in one batched call.
-        flat = [c for _, cands in slots for c in cands]
-        scored = self.surprisal([list(self.tok.encode(c[0], add_special_tokens=False)) for c in flat])
+    def _splice(self, host: Passage, donor: Passage, rng, task: str = "splice") -> Item:
+        """``host`` with tokens [a, a + span) replaced by a random span of ``donor``."""
+        a, b = self._start(rng), int(rng.integers(0, len(donor.ids) - self.span + 1))
+        item = self._item(task, host, [host.ids[:a], donor.ids[b:b + self.span], host.ids[a + self.span:]], 1)
+        item.source = donor.doc
+        return item
+
+    def splice_matched(self, split: str, n: int, rng, pool_factor: int = 4) -> list[Item]:
+        """``n`` spliced positives and ``n`` natural negatives of this task (label 0, task ``splice_matched``),
+        paired by nearest surprisal text scores out of ``pool_factor · n`` of each (see the module docstring).
+        ``pool_factor`` 4: in a scratch run on 400 + 400 SmolLM2-135M calibration texts of 64 tokens, the 100
+        kept pairs gave surprisal AUROCs 0.52 / 0.50 / 0.52 (highest window / lowest window, negated / text
+        mean), against 0.51 / 0.50 / 0.55 from 300 + 300 and 0.88 / 0.27 / 0.92 over the unpaired pools."""
+        both = self.host[split].take(2 * pool_factor * n)
+        spliced = [self._splice(h, d, rng, "splice_matched")
+                   for h, d in zip(both[0::2], self.donor[split].take(pool_factor * n))]
+        natural = [Item("splice_matched", p.doc, p.split, self.tok.decode(p.ids), 0, None) for p in both[1::2]]
+        # Scored as the bench scores them: the decoded text re-tokenised, in one batched call.
+        scored = self.surprisal([list(self.tok.encode(it.text, add_special_tokens=False)) for it in spliced + natural])
         stats = np.array([window_scores(x, self.window) for x in scored])
-        natural = np.array([window_scores(x, self.window) for x in host_s])
-        out, chosen, k = [], [], 0
-        for (h, cands), target in zip(slots, natural):
-            j = k + int(np.argmin(np.linalg.norm(stats[k:k + len(cands)] - target, axis=1)))
-            text, span, source = flat[j]
-            out.append(Item("splice_matched", h.doc, h.split, text, 1, tuple(span), source))
-            chosen.append(j)
-            k += len(cands)
-        self.match[split] = dict(candidates=candidates, natural=natural.mean(0).tolist(),
-                                 chosen=stats[chosen].mean(0).tolist(), all_candidates=stats.mean(0).tolist())
-        return out
-
-    @staticmethod
-    def _draw(own: np.ndarray, used: np.ndarray, cap: float, k: int, rng, split: str) -> np.ndarray:
-        """``k`` unused donor spans (marked used): one drawn at random from each of ``k`` equal strata of the
-        unused spans at most ``cap`` nats/token surprising in their own document (a span is more surprising
-        in a foreign context, so only these can match the host tokens once spliced in), or the ``k`` least
-        surprising unused spans when fewer than ``k`` are. ValueError when no span is left."""
-        free = np.flatnonzero(~used)
-        if free.size == 0:
-            raise ValueError(f"donor spans ({split}): all {used.size} drawn as candidates already; use fewer items "
-                             "(--n) or a larger donor corpus")
-        free = free[np.argsort(own[free], kind="stable")]
-        below = free[own[free] <= cap]
-        picks = (free[:k] if below.size < k else np.array([rng.choice(part) for part in np.array_split(below, k)]))
-        used[picks] = True
-        return picks
+        pos, neg = stats[:len(spliced)], stats[len(spliced):]
+        scale = np.nanstd(neg, axis=0)
+        scale = np.where(scale > 0, scale, 1.0)
+        i, j = nearest_pairs(pos / scale, neg / scale, n)
+        gaps = np.linalg.norm((pos[i] - neg[j]) / scale, axis=1)
+        self.match[split] = dict(pool=len(spliced), spliced=np.nanmean(pos, 0).tolist(),
+                                 natural=np.nanmean(neg, 0).tolist(), kept_positives=np.nanmean(pos[i], 0).tolist(),
+                                 kept_negatives=np.nanmean(neg[j], 0).tolist(), scale=scale.tolist(),
+                                 median_gap=float(np.median(gaps)), max_gap=float(np.max(gaps)))
+        return [spliced[k] for k in i] + [natural[k] for k in j]
 
     def choose_temperature(self, n_pilot: int, grid: Sequence[float]) -> float:
         """The temperature whose samples' mean surprisal (under the model, at temperature 1) matches that of
@@ -301,7 +281,8 @@ class Builder:
 
     def build(self, n_per_split: int, tasks: Sequence[str] = TASKS, *, n_pilot: int = 8,
               grid: Sequence[float] = (0.9, 1.0, 1.1, 1.2, 1.3), progress: Optional[object] = None) -> list[Item]:
-        """Negatives (shared by every task) and each task's positives, ``n_per_split`` of each per split."""
+        """Negatives (shared by every task but :data:`OWN_NEGATIVES`, whose builders return their own) and
+        each task's positives, ``n_per_split`` of each per split."""
         unknown = [t for t in tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; expected a subset of {list(TASKS)}")
@@ -328,13 +309,43 @@ def interpolate_temperature(search: list, target: float) -> float:
     return min(pts, key=lambda p: abs(p[0] - target))[1]
 
 
+def nearest_pairs(pos: np.ndarray, neg: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` disjoint (positive, negative) pairs of rows of ``pos`` ``[P, d]`` and ``neg`` ``[N, d]``, taken
+    greedily in order of Euclidean distance (the nearest pair first, then the nearest of the rows left, ...;
+    NaN distances last); index arrays into ``pos`` and ``neg``, in that order. ValueError when
+    ``n > min(P, N)``."""
+    if n > min(len(pos), len(neg)):
+        raise ValueError(f"cannot pair {n} items out of {len(pos)} positives and {len(neg)} negatives")
+    # Summed per coordinate: a [P, N] array at a time, not [P, N, d] (at --n 1000: 4000 x 4000 x 8 bytes each).
+    dist = np.sqrt(sum((pos[:, k, None] - neg[None, :, k]) ** 2 for k in range(pos.shape[1])))
+    order = np.argsort(np.where(np.isnan(dist), np.inf, dist), axis=None, kind="stable")
+    free_pos, free_neg = np.ones(len(pos), dtype=bool), np.ones(len(neg), dtype=bool)
+    pi, ni = [], []
+    for flat in order:  # stops at the n-th pair; at most P·N cheap steps
+        a, b = divmod(int(flat), len(neg))
+        if free_pos[a] and free_neg[b]:
+            free_pos[a] = free_neg[b] = False
+            pi.append(a)
+            ni.append(b)
+            if len(pi) == n:
+                break
+    return np.array(pi, dtype=np.int64), np.array(ni, dtype=np.int64)
+
+
+#: Tasks whose items include their own negatives (label 0 under the task's name) instead of the shared ones.
+OWN_NEGATIVES = ("splice_matched",)
+
+
 def items_for(items: Sequence[Item], task: str) -> list[Item]:
-    """A task's items: its positives and the shared natural negatives."""
-    return [it for it in items if it.task in (task, "natural")]
+    """A task's items: its positives and its negatives (its own for :data:`OWN_NEGATIVES`, else the shared
+    natural ones)."""
+    shared = "natural" if task not in OWN_NEGATIVES else None
+    return [it for it in items if it.task in (task, shared)]
 
 
 def write_jsonl(items: Sequence[Item], path: Path, tasks: Sequence[str]) -> None:
-    """``tasks.jsonl``: one line per (task, text), the shared negatives repeated under every task."""
+    """``tasks.jsonl``: one line per (task, text), the shared negatives repeated under every task that uses
+    them (:func:`items_for`)."""
     with open(path, "w") as f:
         for task in tasks:
             for it in items_for(items, task):
