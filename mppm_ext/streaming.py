@@ -20,6 +20,7 @@ and one float32 vocabulary chunk, bounded per device type by :data:`BUDGETS`.
 from __future__ import annotations
 
 import functools
+import math
 
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -94,22 +95,29 @@ def _mm_float32_out(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
+def _view(buf: Optional[Tensor], *shape: int) -> Optional[Tensor]:
+    """The leading elements of a kept flat buffer as a contiguous ``[shape]`` tensor (None: no buffer)."""
+    return None if buf is None else buf[:math.prod(shape)].view(shape)
+
+
 def _tile_logits(h: Tensor, w: Tensor, w_dt: Optional[Tensor], b: Optional[Tensor], tensor_cores: bool,
-                 rounded: bool = False) -> Tensor:
+                 rounded: bool = False, out: Optional[Tensor] = None, out16: Optional[Tensor] = None) -> Tensor:
     """One tile of logits, float32 (float64 for float64 inputs). On CUDA, same-dtype 16-bit operands go
     to the tensor cores with float32 output (``mm.dtype``: 16-bit products, float32 accumulation, as the
     float32 reference of the same values); elsewhere the products are formed from ``w_dt``, the chunk
     already converted. (TF32, when the caller enables it for float32 matmuls, applies here too.)
     ``rounded`` (``logits_dtype``): the product of the 16-bit ``h``, ``w`` and ``b`` in their own dtype, i.e.
-    every logit rounded to 16 bits as an eager 16-bit ``lm_head`` gives it, then widened to float32."""
+    every logit rounded to 16 bits as an eager 16-bit ``lm_head`` gives it, then widened to float32.
+    ``out`` / ``out16``: kept buffers for the tile and for the rounded 16-bit product (None: new tensors)."""
     if rounded:
-        return (h @ w.T if b is None else torch.addmm(b, h, w.T)).float()
+        z16 = torch.mm(h, w.T, out=out16) if b is None else torch.addmm(b, h, w.T, out=out16)
+        return z16.float() if out is None else out.copy_(z16)
     if tensor_cores:
         z = torch.mm(h, w.T, out_dtype=torch.float32)
         return z if b is None else z.add_(b)
     if b is None:
-        return h @ w_dt.T
-    return torch.addmm(b, h, w_dt.T)
+        return torch.mm(h, w_dt.T, out=out)
+    return torch.addmm(b, h, w_dt.T, out=out)
 
 
 def _fold_torch(z: Tensor, v0: int, inv_temperature: float, run_max: Tensor, run_sum: Tensor,
@@ -169,8 +177,9 @@ class _Stream:
 def _stream(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Optional[Tensor], moments: bool,
             fold: Callable[..., None], inv_temperature: float = 1.0, entropy: bool = False,
             logits_dtype: Optional[torch.dtype] = None) -> _Stream:
-    # Under autocast torch.mm would hand the fold 16-bit tiles; the pass picks its own precision.
-    with no_autocast(hidden.device):
+    # Under autocast torch.mm would hand the fold 16-bit tiles; the pass picks its own precision. No graph:
+    # the pass's differentiable callers (the log-prob pass) have their own backward.
+    with no_autocast(hidden.device), torch.no_grad():
         return _stream_tiles(hidden, weight, bias, targets, moments, fold, inv_temperature, entropy, logits_dtype)
 
 
@@ -195,15 +204,23 @@ def _stream_tiles(hidden, weight, bias, targets, moments, fold, inv_temperature,
     run_ent = torch.zeros(n, dtype=torch.float64, device=device) if entropy else None
     wbar = torch.zeros(n, d, dtype=dt, device=device) if moments else None
     alpha = torch.empty(n, dtype=dt, device=device) if moments else None
+    # P @ W needs the converted chunk even when the logits come from the 16-bit operands.
+    convert = moments or not (tensor_cores or rounded)
+    # Every converted chunk and tile goes into a buffer kept for the whole pass: a fresh tensor of 16-32
+    # MiB costs its page faults each time (CPU, 2 threads: a [4096, 2048] bf16 -> float32 conversion took
+    # 10 ms into a new tensor, 1.0 ms into a kept one; steer_step with bf16 W spent 40% of its time there).
+    w_buf = torch.empty(tile.cols * d, dtype=dt, device=device) if convert and weight.dtype != dt else None
+    z_buf = None if tensor_cores else torch.empty(tile.rows * tile.cols, dtype=dt, device=device)
+    z16_buf = torch.empty(tile.rows * tile.cols, dtype=logits_dtype, device=device) if rounded else None
     for v0 in range(0, v, tile.cols):
         v1 = min(v, v0 + tile.cols)
         w = weight[v0:v1]
-        # P @ W needs the converted chunk even when the logits come from the 16-bit operands.
-        w_dt = w.to(dt) if moments or not (tensor_cores or rounded) else None
+        w_dt = None if not convert else w if w_buf is None else _view(w_buf, v1 - v0, d).copy_(w)
         b = None if bias is None else bias[v0:v1].to(logits_dtype or dt)
         for r0 in range(0, n, tile.rows):
             rows = slice(r0, min(n, r0 + tile.rows))
-            z = _tile_logits(h[rows], w, w_dt, b, tensor_cores, rounded)
+            shape = (min(n, r0 + tile.rows) - r0, v1 - v0)
+            z = _tile_logits(h[rows], w, w_dt, b, tensor_cores, rounded, _view(z_buf, *shape), _view(z16_buf, *shape))
             fold(z, v0, inv_temperature, run_max[rows], run_sum[rows], None if run_ent is None else run_ent[rows],
                  bad_col[rows], None if targets is None else targets[rows], None if picked is None else picked[rows],
                  None if alpha is None else alpha[rows])
@@ -469,9 +486,15 @@ def softmax_moments(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], *,
         float64 inputs) as ``alpha * wbar + P_tile @ W_chunk`` and divided by the running sum at the end.
 
     Raises:
-        as :func:`token_log_prob_from_hidden`.
+        as :func:`token_log_prob_from_hidden`; ValueError when an input requires grad (the pass builds no
+        graph).
     """
     device = check.unembedding_inputs(hidden, weight, bias, "B")
+    if torch.is_grad_enabled():
+        for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+            if x is not None and x.requires_grad:
+                raise ValueError(f"softmax_moments is not differentiable, and {name} requires grad: pass "
+                                 f"{name}.detach() (the gradient of lse with respect to hidden is wbar itself)")
     impl = choose("softmax_moments", impl, backend_reasons(device, impl))
     check.float_dtypes(impl == "reference", hidden=hidden, weight=weight, bias=bias)
     if hidden.shape[0] == 0 or not check.has_data(hidden):  # nothing to compute, or shapes only (meta)

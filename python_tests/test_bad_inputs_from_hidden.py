@@ -169,6 +169,13 @@ def test_streaming_functions_reject(impl):
     assert streaming.token_log_prob_from_hidden(h[:0], w, None, x[:0], impl=impl).shape == (0,)
     lse, wbar = streaming.softmax_moments(h[:0], w, None, impl=impl)
     assert lse.shape == (0,) and wbar.shape == (0, d)
+    # No graph is built: an input that asks for one is refused, not silently dropped; without grad mode it runs.
+    with pytest.raises(ValueError, match="not differentiable, and hidden requires grad"):
+        streaming.softmax_moments(h.requires_grad_(), w, None, impl=impl)
+    with pytest.raises(ValueError, match="not differentiable, and weight requires grad"):
+        streaming.softmax_moments(h.detach(), w.requires_grad_(), None, impl=impl)
+    with torch.no_grad():
+        assert not streaming.softmax_moments(h, w, None, impl=impl)[1].requires_grad
 
 
 class TestSoftmaxTileDirectly:
