@@ -124,8 +124,9 @@ def logits_parts_vjp(hidden: Tensor, logits: Tensor, labels: Tensor, defined: Te
             for r0 in range(0, B * T, step):
                 rows = slice(r0, min(B * T, r0 + step))
                 x = flat[rows].double() * inv_temperature
-                gx = softmax_grad(x, lse[rows], entropy[rows], g_lp[rows], g_lse[rows], g_ent[rows], target[rows])
-                g_logits[rows] = torch.where(state[rows].unsqueeze(1), gx * inv_temperature, 0.0).to(logits.dtype)
+                gx = softmax_grad(x, lse[rows], entropy[rows], g_lp[rows], g_lse[rows], g_ent[rows], target[rows],
+                                  inv_temperature)
+                g_logits[rows] = torch.where(state[rows].unsqueeze(1), gx, 0.0).to(logits.dtype)
             g_logits = g_logits.view(B, T, V)
     return g_hidden, g_logits
 

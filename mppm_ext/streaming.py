@@ -334,34 +334,49 @@ class _LogProbPass(torch.autograd.Function):
 
 
 def softmax_grad(x: Tensor, lse: Tensor, entropy: Tensor, g_lp: Optional[Tensor], g_lse: Optional[Tensor],
-                 g_ent: Optional[Tensor], target_col: Optional[Tensor]) -> Tensor:
-    """dL/dx for rows of scaled logits ``x [R, C]`` (float64) given the row's ``lse``, ``entropy`` and the
+                 g_ent: Optional[Tensor], target_col: Optional[Tensor], scale: float = 1.0) -> Tensor:
+    """``scale`` * dL/dx for rows of scaled logits ``x [R, C]`` given the row's ``lse``, ``entropy`` and the
     upstream gradients ``[R]`` of log p (of column ``target_col`` [R], -1 where outside), lse and H (None
-    counts as 0). Shared by the backward of every log-prob path (tiles of W h + b, rows of logits)."""
-    p = torch.exp(x - lse.unsqueeze(1))
-    grad = torch.zeros_like(x)
-    if g_lse is not None:
-        grad += g_lse.unsqueeze(1) * p
+    counts as 0), in ``x``'s dtype (the row vectors are cast to it). Shared by the backward of every log-prob
+    path (tiles of W h + b, rows of logits). With p = exp(x - lse) and d = x - lse:
+    dL/dx = p * (g_lse - g_lp - g_ent * (d + H)) + g_lp at the target, each row's coefficients formed once
+    (O(R)), so a tile costs two [R, C] temporaries and a few in-place passes."""
+    col = (lambda v: v.to(x.dtype).unsqueeze(1))
+    d = x - col(lse)
+    p = torch.exp(d)
+    coef = torch.zeros_like(lse, dtype=torch.float64)
+    for g, sign in ((g_lse, 1.0), (g_lp, -1.0)):
+        if g is not None:
+            coef = coef + sign * g.double()
     if g_ent is not None:
-        spread = torch.where(p > 0, x - lse.unsqueeze(1) + entropy.unsqueeze(1), 0.0)  # p = 0 at -inf logits
-        grad -= g_ent.unsqueeze(1) * p * spread
+        # -g_ent * (d + H) + coef; d = -inf where p = 0 (a -inf logit, or a row not read), zeroed first.
+        grad = d.add_(col(entropy)).masked_fill_(p == 0, 0.0).mul_(col(-g_ent * scale)).add_(col(coef * scale))
+        grad.mul_(p)
+    else:
+        grad = p.mul_(col(coef * scale))
     if g_lp is not None:
-        grad -= g_lp.unsqueeze(1) * p
         inside = target_col >= 0
-        grad.scatter_add_(1, target_col.clamp_min(0).unsqueeze(1), torch.where(inside, g_lp, 0.0).unsqueeze(1))
+        grad.scatter_add_(1, target_col.clamp_min(0).unsqueeze(1),
+                          torch.where(inside, g_lp * scale, 0.0).to(x.dtype).unsqueeze(1))
     return grad
 
 
 def _log_prob_backward(hidden, weight, bias, targets, lse, entropy, g_lp, g_lse, g_ent, inv_temperature,
                        needs, logits_dtype=None) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     # The softmax is formed again from the logits the forward folded (rounded ones with logits_dtype, so
-    # that p = exp(x - lse) sums to 1); the products with the gradient are float32.
+    # that p = exp(x - lse) sums to 1), in the compute dtype as the float32 reference's autograd forms it,
+    # in the forward's kept buffers (float64 tiles and a new tensor per tile took 0.85 s of a 1.0 s
+    # forward + backward at N = 512, V = 50257, d = 768 on 2 threads, against 0.72 s for eager log_softmax).
     rounded = logits_dtype is not None
     dt = _compute_dtype(hidden, weight)
     n, d = hidden.shape
     v = weight.shape[0]
     tile = tiling(n, v, d, hidden.device.type)
+    device = hidden.device
     h = hidden.to(dt)
+    w_buf = torch.empty(tile.cols * d, dtype=dt, device=device) if weight.dtype != dt else None
+    z_buf = torch.empty(tile.rows * tile.cols, dtype=dt, device=device)
+    z16_buf = torch.empty(tile.rows * tile.cols, dtype=logits_dtype, device=device) if rounded else None
     g_lp, g_lse, g_ent = (None if g is None else g.double() for g in (g_lp, g_lse, g_ent))
     g_hidden = torch.zeros(n, d, dtype=dt, device=hidden.device) if needs[0] else None
     g_weight = torch.zeros(v, d, dtype=dt, device=hidden.device) if needs[1] else None
@@ -369,24 +384,25 @@ def _log_prob_backward(hidden, weight, bias, targets, lse, entropy, g_lp, g_lse,
     with torch.no_grad(), no_autocast(hidden.device):
         for v0 in range(0, v, tile.cols):
             v1 = min(v, v0 + tile.cols)
-            w = weight[v0:v1].to(dt)
+            w = weight[v0:v1] if w_buf is None else _view(w_buf, v1 - v0, d).copy_(weight[v0:v1])
             b = None if bias is None else bias[v0:v1].to(logits_dtype or dt)
             for r0 in range(0, n, tile.rows):
                 rows = slice(r0, min(n, r0 + tile.rows))
-                z = (_tile_logits(hidden[rows], weight[v0:v1], None, b, False, rounded=True) if rounded else
-                     _tile_logits(h[rows], w, w, b, tensor_cores=False))
-                x = z.double() * inv_temperature
+                shape = (min(n, r0 + tile.rows) - r0, v1 - v0)
+                z = (_tile_logits(hidden[rows], weight[v0:v1], None, b, False, True, _view(z_buf, *shape),
+                                  _view(z16_buf, *shape)) if rounded else
+                     _tile_logits(h[rows], w, w, b, False, out=_view(z_buf, *shape)))
+                x = z.mul_(inv_temperature) if inv_temperature != 1.0 else z
                 col = torch.where((targets[rows] >= v0) & (targets[rows] < v1), targets[rows] - v0, -1)
                 pick = (lambda g: None if g is None else g[rows])
-                gz = softmax_grad(x, lse[rows], entropy[rows], pick(g_lp), pick(g_lse), pick(g_ent), col)
-                gz = gz * inv_temperature
+                gz = softmax_grad(x, lse[rows], entropy[rows], pick(g_lp), pick(g_lse), pick(g_ent), col,
+                                  inv_temperature)
                 if g_bias is not None:
                     g_bias[v0:v1] += gz.sum(0)
-                gz = gz.to(dt)
                 if g_hidden is not None:
-                    g_hidden[rows] += gz @ w
+                    g_hidden[rows].addmm_(gz, w)
                 if g_weight is not None:
-                    g_weight[v0:v1] += gz.T @ h[rows]
+                    g_weight[v0:v1].addmm_(gz.T, h[rows])
     return (None if g_hidden is None else g_hidden.to(hidden.dtype),
             None if g_weight is None else g_weight.to(weight.dtype),
             None if g_bias is None else g_bias.to(bias.dtype))
