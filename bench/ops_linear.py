@@ -13,16 +13,23 @@ from ops_energy import backends, compiled, with_isa
 from peers import cut_cross_entropy, liger_fused_linear_cross_entropy, torch_linear_cross_entropy_chunked
 
 
+def inputs(args, dtype, vocab):
+    """``(hidden [1, n, d], weight [V, d], tokens [1, n])`` of one case, seeded."""
+    n, d = args.linear_n, args.linear_hidden
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(1, n, d, generator=g).to(device=args.device, dtype=dtype)
+    weight = (torch.randn(vocab, d, generator=g) / d**0.5).to(device=args.device, dtype=dtype)
+    tokens = torch.randint(0, vocab, (1, n), generator=g).to(args.device)
+    return hidden, weight, tokens
+
+
 def cases(args):
     device = args.device
     for dtype_name in args.dtypes:
         for vocab in args.vocab:
             dtype = args.dtype_map[dtype_name]
             n, d = args.linear_n, args.linear_hidden
-            g = torch.Generator(device="cpu").manual_seed(0)
-            hidden = torch.randn(1, n, d, generator=g).to(device=device, dtype=dtype)
-            weight = (torch.randn(vocab, d, generator=g) / d**0.5).to(device=device, dtype=dtype)
-            tokens = torch.randint(0, vocab, (1, n), generator=g).to(device)
+            hidden, weight, tokens = inputs(args, dtype, vocab)
             gemm_out = torch.empty(n, vocab, device=device, dtype=dtype)
             h2, targets = hidden[0], tokens[0]
             notes: dict = {}

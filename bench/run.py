@@ -22,10 +22,12 @@ import mppm_ext
 sys.path.insert(0, str(Path(__file__).parent))
 import ops_energy  # noqa: E402
 import ops_linear  # noqa: E402
+import ops_linear_backward  # noqa: E402
 import ops_steer  # noqa: E402
 from harness import Report, run_case  # noqa: E402
 
-OPS = {"energy": ops_energy, "energy_from_hidden": ops_linear, "steer_step": ops_steer}
+OPS = {"energy": ops_energy, "energy_from_hidden": ops_linear, "energy_from_hidden_backward": ops_linear_backward,
+       "steer_step": ops_steer}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

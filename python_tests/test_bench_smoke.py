@@ -20,6 +20,7 @@ def test_bench_runs_every_op_and_writes_results(tmp_path):
     rows = json.loads(result.read_text())["rows"]
     cases = {r["case"] for r in rows}
     assert {c.split()[0] for c in cases} == {"energy", "energy_from_hidden", "steer_step"}
+    assert "energy_from_hidden backward N=12 V=97 d=8 fp32" in cases
     assert {c for c in cases if c.startswith("energy ")} == {"energy N=40 B=1 V=97 d=16 fp32", "energy N=40 B=4 V=97 d=16 fp32"}
     for case in cases:
         providers = {r["provider"] for r in rows if r["case"] == case}
