@@ -118,7 +118,9 @@ def steer_step(hidden: Tensor, weight: Tensor, targets: Tensor, delta: Tensor, *
             energy log K + s of each target, before and after steering.
 
     Returns:
-        :class:`SteerResult`: ``delta_h`` [B, d] float32 and per-row diagnostics.
+        :class:`SteerResult`: ``delta_h`` [B, d] float32 and per-row diagnostics. Not differentiable: the
+        solve runs without a graph, so ``delta_h`` never requires grad, whatever the inputs do (it is a value
+        to add to the state, not a function of ``hidden`` that autograd could follow).
 
     Infeasible requests (some wanted log p >= 0, or the wanted probabilities of distinct targets sum
     to 1 or more) are flagged in ``feasible``; they are still attempted within the trust region, so
