@@ -100,6 +100,30 @@ def _view(buf: Optional[Tensor], *shape: int) -> Optional[Tensor]:
     return None if buf is None else buf[:math.prod(shape)].view(shape)
 
 
+class _Buffers:
+    """The converted vocabulary chunk and the tiles of one pass (forward or backward), each in a buffer kept
+    for the whole pass: a fresh tensor of 16-32 MiB costs its page faults each time (CPU, 2 threads: a
+    [4096, 2048] bf16 -> float32 conversion took 10 ms into a new tensor, 1.0 ms into a kept one; steer_step
+    with bf16 W spent 40% of its time there). ``convert``: the chunk is needed in ``dt``; ``tiles``: the
+    tiles are formed into a buffer (not on CUDA's float32-output tensor cores); ``logits_dtype``: also a
+    buffer for the rounded 16-bit product."""
+
+    def __init__(self, tile: Tiling, d: int, dt: torch.dtype, weight: Tensor, convert: bool, tiles: bool,
+                 logits_dtype: Optional[torch.dtype]):
+        device, size = weight.device, tile.rows * tile.cols
+        self.w = torch.empty(tile.cols * d, dtype=dt, device=device) if convert and weight.dtype != dt else None
+        self.z = torch.empty(size, dtype=dt, device=device) if tiles else None
+        self.z16 = torch.empty(size, dtype=logits_dtype, device=device) if logits_dtype is not None else None
+
+    def chunk(self, w: Tensor) -> Tensor:
+        """``w`` ``[cols, d]`` in the compute dtype: itself when already in it, else copied into the buffer."""
+        return w if self.w is None else _view(self.w, *w.shape).copy_(w)
+
+    def tile(self, rows: int, cols: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """``(out, out16)`` of :func:`_tile_logits` for a ``[rows, cols]`` tile."""
+        return _view(self.z, rows, cols), _view(self.z16, rows, cols)
+
+
 def _tile_logits(h: Tensor, w: Tensor, w_dt: Optional[Tensor], b: Optional[Tensor], tensor_cores: bool,
                  rounded: bool = False, out: Optional[Tensor] = None, out16: Optional[Tensor] = None) -> Tensor:
     """One tile of logits, float32 (float64 for float64 inputs). On CUDA, same-dtype 16-bit operands go
@@ -206,21 +230,15 @@ def _stream_tiles(hidden, weight, bias, targets, moments, fold, inv_temperature,
     alpha = torch.empty(n, dtype=dt, device=device) if moments else None
     # P @ W needs the converted chunk even when the logits come from the 16-bit operands.
     convert = moments or not (tensor_cores or rounded)
-    # Every converted chunk and tile goes into a buffer kept for the whole pass: a fresh tensor of 16-32
-    # MiB costs its page faults each time (CPU, 2 threads: a [4096, 2048] bf16 -> float32 conversion took
-    # 10 ms into a new tensor, 1.0 ms into a kept one; steer_step with bf16 W spent 40% of its time there).
-    w_buf = torch.empty(tile.cols * d, dtype=dt, device=device) if convert and weight.dtype != dt else None
-    z_buf = None if tensor_cores else torch.empty(tile.rows * tile.cols, dtype=dt, device=device)
-    z16_buf = torch.empty(tile.rows * tile.cols, dtype=logits_dtype, device=device) if rounded else None
+    buffers = _Buffers(tile, d, dt, weight, convert, not tensor_cores, logits_dtype)
     for v0 in range(0, v, tile.cols):
         v1 = min(v, v0 + tile.cols)
         w = weight[v0:v1]
-        w_dt = None if not convert else w if w_buf is None else _view(w_buf, v1 - v0, d).copy_(w)
+        w_dt = buffers.chunk(w) if convert else None
         b = None if bias is None else bias[v0:v1].to(logits_dtype or dt)
         for r0 in range(0, n, tile.rows):
             rows = slice(r0, min(n, r0 + tile.rows))
-            shape = (min(n, r0 + tile.rows) - r0, v1 - v0)
-            z = _tile_logits(h[rows], w, w_dt, b, tensor_cores, rounded, _view(z_buf, *shape), _view(z16_buf, *shape))
+            z = _tile_logits(h[rows], w, w_dt, b, tensor_cores, rounded, *buffers.tile(rows.stop - r0, v1 - v0))
             fold(z, v0, inv_temperature, run_max[rows], run_sum[rows], None if run_ent is None else run_ent[rows],
                  bad_col[rows], None if targets is None else targets[rows], None if picked is None else picked[rows],
                  None if alpha is None else alpha[rows])
@@ -365,18 +383,15 @@ def _log_prob_backward(hidden, weight, bias, targets, lse, entropy, g_lp, g_lse,
                        needs, logits_dtype=None) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     # The softmax is formed again from the logits the forward folded (rounded ones with logits_dtype, so
     # that p = exp(x - lse) sums to 1), in the compute dtype as the float32 reference's autograd forms it,
-    # in the forward's kept buffers (float64 tiles and a new tensor per tile took 0.85 s of a 1.0 s
+    # in kept buffers (:class:`_Buffers`; float64 tiles and a new tensor per tile took 0.85 s of a 1.0 s
     # forward + backward at N = 512, V = 50257, d = 768 on 2 threads, against 0.72 s for eager log_softmax).
     rounded = logits_dtype is not None
     dt = _compute_dtype(hidden, weight)
     n, d = hidden.shape
     v = weight.shape[0]
     tile = tiling(n, v, d, hidden.device.type)
-    device = hidden.device
     h = hidden.to(dt)
-    w_buf = torch.empty(tile.cols * d, dtype=dt, device=device) if weight.dtype != dt else None
-    z_buf = torch.empty(tile.rows * tile.cols, dtype=dt, device=device)
-    z16_buf = torch.empty(tile.rows * tile.cols, dtype=logits_dtype, device=device) if rounded else None
+    buffers = _Buffers(tile, d, dt, weight, True, True, logits_dtype)
     g_lp, g_lse, g_ent = (None if g is None else g.double() for g in (g_lp, g_lse, g_ent))
     g_hidden = torch.zeros(n, d, dtype=dt, device=hidden.device) if needs[0] else None
     g_weight = torch.zeros(v, d, dtype=dt, device=hidden.device) if needs[1] else None
@@ -384,14 +399,13 @@ def _log_prob_backward(hidden, weight, bias, targets, lse, entropy, g_lp, g_lse,
     with torch.no_grad(), no_autocast(hidden.device):
         for v0 in range(0, v, tile.cols):
             v1 = min(v, v0 + tile.cols)
-            w = weight[v0:v1] if w_buf is None else _view(w_buf, v1 - v0, d).copy_(weight[v0:v1])
+            w = buffers.chunk(weight[v0:v1])
             b = None if bias is None else bias[v0:v1].to(logits_dtype or dt)
             for r0 in range(0, n, tile.rows):
                 rows = slice(r0, min(n, r0 + tile.rows))
-                shape = (min(n, r0 + tile.rows) - r0, v1 - v0)
-                z = (_tile_logits(hidden[rows], weight[v0:v1], None, b, False, True, _view(z_buf, *shape),
-                                  _view(z16_buf, *shape)) if rounded else
-                     _tile_logits(h[rows], w, w, b, False, out=_view(z_buf, *shape)))
+                out = buffers.tile(rows.stop - r0, v1 - v0)
+                z = (_tile_logits(hidden[rows], weight[v0:v1], None, b, False, True, *out) if rounded else
+                     _tile_logits(h[rows], w, w, b, False, False, *out))
                 x = z.mul_(inv_temperature) if inv_temperature != 1.0 else z
                 col = torch.where((targets[rows] >= v0) & (targets[rows] < v1), targets[rows] - v0, -1)
                 pick = (lambda g: None if g is None else g[rows])
