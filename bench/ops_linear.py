@@ -51,6 +51,16 @@ def cases(args):
                                                                          logits_dtype=dtype))
                 providers[f"{name}, logits_dtype={dtype_name}"] = (
                     lambda call=rounded, isa=isa: with_isa(isa, call) if isa else call)
+        triton_here = any(impl == "triton" for _, impl, _ in backends(device, False))
+        if device == "cuda" and dtype != torch.float32 and triton_here:
+            # The fused kernel alone in each 16-bit tile shape (mppm_ext.triton.linear.TILES): whether two programs
+            # a SM, each one's softmax under the other's HGMMAs, beat one wide program is measured here.
+            from mppm_ext.triton import linear
+
+            for tiles in linear.TILES:
+                providers[f"triton kernel alone, {tiles} tiles"] = (
+                    lambda tiles=tiles: lambda: linear.token_log_prob_from_hidden(h2, weight, None, targets, 1.0,
+                                                                                 tiles))
         peers = {"torch linear_cross_entropy chunked (NLL only)": torch_linear_cross_entropy_chunked()}
         if device == "cuda":
             peers["Liger fused linear CE (NLL only)"] = liger_fused_linear_cross_entropy()

@@ -10,8 +10,9 @@ specialisation is the one the package's launcher picks at a stated shape: the co
 are read from the launchers' own tables and functions (``energy._BLOCK_V``, ``linear._config``, ...), not
 copied, and an integer argument is marked 16-divisible exactly when its value at that shape is, as
 Triton's JIT marks it at a launch. Per specialisation the report gives ptxas's registers, stack frame and
-spill bytes, Triton's shared memory, the instruction count of the SASS with its tensor-core (HGMMA /
-HMMA), local-memory (LDL / STL: spills) and fp64 instructions, and for the energy kernel the
+spill bytes, Triton's shared memory, the programs a SM holds at once (from those two), the instruction
+count of the SASS with its tensor-core (HGMMA / HMMA), local-memory (LDL / STL: spills) and fp64
+instructions, and for the energy kernel the
 instructions of its body loop per element (the loop found as bench/sass_loop.py finds the CUDA kernel's:
 the backward branch whose body holds four 128-bit loads).
 
@@ -96,15 +97,17 @@ def linear_specs(V: int = 50257, d: int = 2048) -> list[Spec]:
     n = 8192
     for dt in ("bf16", "fp16", "fp32"):
         compute = _torch_dtype(dt)
-        cfg = linear._config(n, V, compute)
         types = dict(hidden_ptr=PTR[dt], weight_ptr=PTR[dt], bias_ptr=PTR[dt], targets_ptr="*i64", m_ptr="*fp32",
                      s_ptr="*fp64", u_ptr="*fp64", picked_ptr="*fp32", N="i32", V="i32", D="i32", h_sn="i32",
                      w_sv="i32", tiles_per_split="i32", inv_temperature="fp64")
-        values = dict(N=n, V=V, D=d, h_sn=d, w_sv=d, tiles_per_split=cfg["tiles_per_split"])
-        out.append(Spec(f"token_log_prob {dt} (N={n}, V={V}, d={d}; {cfg['splits']} splits)",
-                        linear._token_log_prob_kernel, types, values,
-                        _linear_constexprs(linear, cfg, compute, False),
-                        dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
+        for tiles in linear.TILES if dt != "fp32" else ("wide",):  # fp32 has one tile shape
+            cfg = linear._config(n, V, compute, tiles=tiles)
+            values = dict(N=n, V=V, D=d, h_sn=d, w_sv=d, tiles_per_split=cfg["tiles_per_split"])
+            label = f"{tiles} tiles, " if dt != "fp32" else ""
+            out.append(Spec(f"token_log_prob {dt} (N={n}, V={V}, d={d}; {label}{cfg['splits']} splits)",
+                            linear._token_log_prob_kernel, types, values,
+                            _linear_constexprs(linear, cfg, compute, False),
+                            dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
     cfg = linear._config(n, V, _torch_dtype("bf16"))
     out.append(Spec(f"token_log_prob_combine ({cfg['splits']} splits)", linear._token_log_prob_combine_kernel,
                     dict(m_ptr="*fp32", s_ptr="*fp64", u_ptr="*fp64", picked_ptr="*fp32", out_ptr="*fp64", N="i32",
@@ -163,6 +166,14 @@ def compile_spec(spec: Spec):
     return kernel, log.getvalue()
 
 
+def programs_per_sm(registers: int, warps: int, shared: int) -> int:
+    """Programs an sm_90 SM holds at once: 64 K registers, allotted a warp at a time in multiples of 8 a
+    thread; 228 KiB of shared memory, 1 KiB of it reserved a program; 64 warps; 32 programs."""
+    by_registers = 65536 // (-(-registers // 8) * 8 * 32 * warps)
+    by_shared = 228 * 1024 // (shared + 1024)
+    return min(by_registers, by_shared, 64 // warps, 32)
+
+
 PTXAS_REGS = re.compile(r"Used (\d+) registers")
 PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
@@ -184,6 +195,8 @@ def report(spec: Spec, kernel, ptxas_log: str, workdir: Path) -> dict:
                sass=len(instructions), mma=ops["HGMMA"] + ops["HMMA"], mma_kind="HGMMA" if ops["HGMMA"] else
                ("HMMA" if ops["HMMA"] else "-"), local=ops["LDL"] + ops["STL"],
                fp64=sum(n for op, n in ops.items() if op in ("DADD", "DMUL", "DFMA", "DSETP", "DMNMX")))
+    if row["registers"] is not None:
+        row["per_sm"] = programs_per_sm(row["registers"], row["warps"], row["shared"])
     if spec.loop_elements:
         body = sass_loop.main_loop(instructions)
         loop_ops = collections.Counter(sass_loop.opcode(t) for _, t in body)
@@ -197,7 +210,7 @@ def lines_of(row: dict) -> list[str]:
     out = [f"{row['label']}",
            f"    {row['constexprs']}, {row['warps']} warps{stages}",
            f"    ptxas: {row['registers']} registers, {row['stack']} B stack, {row['spill_stores']} B spill stores, "
-           f"{row['spill_loads']} B spill loads; shared {row['shared']} B",
+           f"{row['spill_loads']} B spill loads; shared {row['shared']} B; {row.get('per_sm', '?')} a SM",
            f"    SASS: {row['sass']} instructions, {row['mma']} {row['mma_kind']}, {row['local']} LDL/STL, "
            f"{row['fp64']} fp64"]
     if "loop" in row:

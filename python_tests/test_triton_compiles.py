@@ -16,6 +16,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 SCRIPT = r'''
 import json, re, sys
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -41,8 +42,11 @@ sig = dict(hidden_ptr="*bf16", weight_ptr="*bf16", bias_ptr="*bf16", targets_ptr
            s_ptr="*fp64", u_ptr="*fp64", picked_ptr="*fp32", N="i32", V="i32", D="i32", h_sn="i32", w_sv="i32",
            tiles_per_split="i32", inv_temperature="fp64")
 const = dict(HAS_BIAS=True, COMPUTE=tl.bfloat16, PRECISION="tf32", BLOCK_N=128, BLOCK_V=128, BLOCK_D=64)
-out["token_log_prob"] = compile(linear._token_log_prob_kernel, sig, const, ptrs(sig) + ["D", "h_sn", "w_sv"],
-                                num_warps=8, num_stages=3)
+for tiles in linear.TILES:  # each tile shape as the launcher configures it at the benchmark's shape
+    cfg = linear._config(8192, 50257, torch.bfloat16, tiles=tiles)
+    out["token_log_prob " + tiles] = compile(linear._token_log_prob_kernel, sig,
+        dict(const, **{k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")}), ptrs(sig) + ["D", "h_sn", "w_sv"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 sig32 = {k: v.replace("bf16", "fp32") for k, v in sig.items()}
 out["token_log_prob_fp32"] = compile(linear._token_log_prob_kernel, sig32, dict(const, COMPUTE=tl.float32,
     PRECISION="ieee", BLOCK_N=64, BLOCK_V=64, BLOCK_D=32), ptrs(sig32), num_warps=4, num_stages=2)
@@ -81,6 +85,7 @@ def test_kernels_compile_for_sm90():
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["energy"]["v4_loads"] >= 1, "the energy body is not read with 16-byte loads"
-    assert result["token_log_prob"]["mma"] >= 1, "the bf16 fused-linear kernel does not use tensor cores"
+    for tiles in ("wide", "paired"):
+        assert result["token_log_prob " + tiles]["mma"] >= 1, f"bf16 fused-linear kernel, {tiles} tiles: no tensor cores"
     assert result["softmax_moments"]["mma"] >= 1 and result["cg"]["mma"] >= 1
     assert result["float_scalars"] == ["fp64"], result["float_scalars"]

@@ -34,11 +34,11 @@ def logits_in(dtype, hidden, weight, bias, temperature=1.0):
     return (z if bias is None else z + bias.to(dtype)) / temperature
 
 
-def check_token_log_prob(hidden, weight, bias, targets, temperature=1.0):
+def check_token_log_prob(hidden, weight, bias, targets, temperature=1.0, tiles="wide"):
     """log_prob, logsumexp and entropy against the float64 truth, a float32 reference setting the bound."""
     from mppm_ext.triton.linear import token_log_prob_from_hidden
 
-    ours = token_log_prob_from_hidden(hidden, weight, bias, targets, 1.0 / temperature)
+    ours = token_log_prob_from_hidden(hidden, weight, bias, targets, 1.0 / temperature, tiles)
     assert all(x.dtype == torch.float64 and x.shape == targets.shape for x in ours)
     result = {}
     for dtype in (torch.float64, torch.float32):
@@ -120,7 +120,7 @@ def test_vocabulary_splits_agree(monkeypatch, target_programs, splits):
     """One split, a few (2 tiles each), and one tile per split give the reference's answer."""
     from mppm_ext.triton import linear
 
-    monkeypatch.setattr(linear, "_TARGET_PROGRAMS", target_programs)
+    monkeypatch.setattr(linear, "_target_programs", lambda moments, per_sm: target_programs)
     hidden, weight, bias, targets = make_linear(5, 20, 2999)
     assert linear._config(5, 2999, torch.float32)["splits"] == splits  # of 6 tiles
     check_token_log_prob(hidden, weight, bias, targets)
@@ -129,6 +129,36 @@ def test_vocabulary_splits_agree(monkeypatch, target_programs, splits):
     bias[:1024] = float("-inf")
     check_token_log_prob(hidden, weight, bias, targets, 2.0)
     check_moments(hidden, weight, bias, 2.0)
+
+
+def test_splits_fill_whole_waves(monkeypatch):
+    """At the benchmark's shape the compute-bound pass is 16 waves of programs exactly, one or two a SM,
+    and the splits cover every vocabulary tile; the moments pass stays at 2 waves. (The compiled sizes:
+    the interpreter's wider vocabulary tiles are switched off.)"""
+    import triton
+
+    import mppm_ext.triton
+    from mppm_ext.triton import linear
+
+    monkeypatch.setattr(mppm_ext.triton, "_interpreted", lambda: False)
+    for dtype, tiles, per_sm in ((torch.float16, "wide", 1), (torch.float16, "paired", 2), (torch.float32, "wide", 2)):
+        cfg = linear._config(8192, 50257, dtype, tiles=tiles)
+        assert cfg["row_blocks"] * cfg["splits"] == 16 * 132 * per_sm
+        tiles_v = triton.cdiv(50257, cfg["BLOCK_V"])
+        assert (cfg["splits"] - 1) * cfg["tiles_per_split"] < tiles_v <= cfg["splits"] * cfg["tiles_per_split"]
+    assert linear._config(8, 50257, torch.float16, moments=True)["splits"] <= 2 * 132
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_paired_tiles(dtype):
+    """The two-programs-a-SM tiles (64 rows, one warp group; 3 row blocks here, the last partial) against
+    the reference; an unknown name is refused. (In the interpreter bf16 takes the fp32 tiles.)"""
+    from mppm_ext.triton.linear import token_log_prob_from_hidden
+
+    hidden, weight, bias, targets = make_linear(150, 72, 1500, dtype=dtype)
+    check_token_log_prob(hidden, weight, bias, targets, tiles="paired")
+    with pytest.raises(ValueError, match="tiles"):
+        token_log_prob_from_hidden(hidden, weight, bias, targets, tiles="square")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

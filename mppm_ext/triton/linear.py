@@ -3,8 +3,8 @@
 
 Both kernels walk vocabulary tiles of W, form a logits tile with ``tl.dot`` (fp32 accumulation) and
 fold it into an online softmax per row (:mod:`._online`, with the entropy where asked for), as flash
-attention does with its score tiles. The vocabulary is split across programs when there are too few
-row blocks to fill the GPU; each split writes its partial (running max, running sums, ...) and a
+attention does with its score tiles. The vocabulary is split across programs so that they fill whole waves of
+the GPU (see ``_SMS``); each split writes its partial (running max, running sums, ...) and a
 second small kernel combines the splits of a row in a fixed order, so results are bitwise
 reproducible (no atomics).
 """
@@ -22,10 +22,38 @@ from . import _online as online
 from . import on_device
 from ._dot import compute_dtype, dot_precision, tl_dtype
 
-# Programs to aim for when choosing the vocabulary split: two waves on an H100's 132 SMs. A constant
-# rather than the device's SM count, so that a given shape combines its partials the same way (and
-# gives the same bits) on every device.
-_TARGET_PROGRAMS = 264
+# The vocabulary split. Programs of equal work run in waves of one program a SM (two with the paired
+# tiles), so the split is sized in whole waves of an H100 SXM's / H200's 132 SMs: a constant rather than
+# the device's count, so that a shape splits the same way (and gives the same bits) on every device.
+# token_log_prob is compute-bound and aims for 16 waves: its last wave idles at most 1/16 of the SMs'
+# time, where the former aim of 264 programs made N = 8192 (64 row blocks) 5 splits = 320 programs,
+# 3 waves for 2.42 waves of work (24% of the time with SMs idle). More splits cost little there: each
+# adds a program's start and four [N] partials, and a tile's operands are loaded the same either way.
+# At N = 8192 it is 33 splits of 12 tiles, 2112 programs = 16 waves exactly. softmax_moments (a few
+# rows, bound by reading W once) aims for 2 waves: each split adds a [B, d] fp32 accumulator to write
+# and combine (B = 8, d = 2048: 64 KiB a split), so its aim is 264 programs whatever their occupancy.
+_SMS = 132
+
+# Tile shapes of the 16-bit token_log_prob pass (bench/results/triton-sm_90.txt has their ptxas figures):
+#   "wide":   128 x 128 logits, 8 warps (two warp groups of 64 rows), 3 stages: 190 registers, 96 KiB
+#             of shared memory, one program a SM. Its softmax (between one tile's HGMMAs and the
+#             next's) leaves the tensor cores idle.
+#   "paired": 64 x 128 logits, 4 warps (one warp group), 3 stages: 253 registers, 72 KiB, so two
+#             programs share a SM and the warp schedulers run one program's softmax under the other's
+#             HGMMAs. It loads 1.5x the operand bytes a FLOP from L2 ((64 + 128) / (64 x 128) against
+#             (128 + 128) / (128 x 128)).
+# "wide" is the default, by an estimate the GPU session checks (bench/ops_linear.py times both): at
+# 128 x 128 x 64 a SM needs 64 B a clock from L2 to keep its HGMMAs busy (32 KiB of operands a k-step
+# against 2.1 MFLOP at ~4096 FLOP a clock), already more than the 25-40 B a clock a SM that published
+# H100 L2 measurements (5.5-10 TB/s) give, so the 1.5x bytes of "paired" should cost more than its
+# hidden softmax saves: 64 exps and 128 fp64 conversions a thread and tile, at 16 a clock a SM, are
+# ~2-3 k clocks against the tile's ~16 k clocks of HGMMA at d = 2048 (12-19%).
+TILES = ("wide", "paired")
+
+
+def _target_programs(moments: bool, per_sm: int) -> int:
+    """Programs the vocabulary split aims for (the comment above _SMS says why)."""
+    return 2 * _SMS if moments else 16 * _SMS * per_sm
 
 
 def _row_block(n: int) -> int:
@@ -34,36 +62,39 @@ def _row_block(n: int) -> int:
     return max(16, min(128, triton.next_power_of_2(n)))
 
 
-def _config(n: int, vocab: int, compute: torch.dtype, moments: bool = False) -> dict:
+def _config(n: int, vocab: int, compute: torch.dtype, moments: bool = False, tiles: str = "wide") -> dict:
     """Tile sizes, launch options and the vocabulary split for n rows (``moments``: for the
-    softmax_moments kernel, which adds the fp32 product P @ W to each tile)."""
+    softmax_moments kernel, which adds the fp32 product P @ W to each tile; ``tiles``: one of
+    :data:`TILES`, which only the 16-bit token_log_prob pass reads)."""
     from . import _interpreted
 
     block_n = _row_block(n)
+    per_sm = 1
     if compute == torch.float32:
         # fp32 operands multiply on CUDA cores (see _dot.dot_precision): smaller tiles keep them in
-        # registers.
-        block_n, block_v, block_d, warps, stages = min(block_n, 64), 64, 32, 4, 2
+        # registers (254 a thread on sm_90, 4 warps: two programs a SM).
+        block_n, block_v, block_d, warps, stages, per_sm = min(block_n, 64), 64, 32, 4, 2, 2
+    elif moments:
+        # P @ W is fp32 whatever the operands: tiles as small as the fp32 path's. BLOCK_V = 128 with
+        # 4 warps spilled 400 B a thread on sm_90 (255 registers), 64 compiles to 227 without spill
+        # (bench/results/triton-sm_90.txt).
+        block_v, block_d, warps, stages = 64, 32, 4, 2
+    elif tiles == "paired":
+        block_n, block_v, block_d, warps, stages, per_sm = min(block_n, 64), 128, 64, 4, 3, 2
     else:
-        # 3 stages of the k loop's operands: 3 x (128 x 64 + 128 x 64) bf16 = 96 KiB of shared memory
-        # (bench/results/triton-sm_90.txt), so each HGMMA step's loads were issued two steps before it.
-        # At 190 registers a thread one program holds an SM; the softmax of a finished tile (~1.3 us
-        # against ~11 us of its HGMMAs at d = 2048) is not overlapped with the next tile's products.
+        # 3 stages of the k loop's operands: 3 x (128 x 64 + 128 x 64) bf16 = 96 KiB of shared memory,
+        # so each HGMMA step's loads were issued two steps before it.
         block_v, block_d, warps, stages = 128, 64, 8, 3
-        if moments:
-            # P @ W is fp32 whatever the operands: tiles as small as the fp32 path's. BLOCK_V = 128 with
-            # 4 warps spilled 400 B a thread on sm_90 (255 registers), 64 compiles to 227 without spill
-            # (bench/results/triton-sm_90.txt).
-            block_v, block_d, warps, stages = 64, 32, 4, 2
     if _interpreted():
         # The interpreter's cost is per operation, not per element: wider vocabulary tiles (same code,
         # other constants) keep V = 50257 to a few seconds in the tests.
         block_v = 512
     row_blocks = triton.cdiv(n, block_n)
-    tiles = triton.cdiv(vocab, block_v)
-    per_split = triton.cdiv(tiles, max(1, min(tiles, triton.cdiv(_TARGET_PROGRAMS, max(row_blocks, 1)))))
+    tiles_v = triton.cdiv(vocab, block_v)
+    target = _target_programs(moments, per_sm)
+    per_split = triton.cdiv(tiles_v, max(1, min(tiles_v, triton.cdiv(target, max(row_blocks, 1)))))
     return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
-                row_blocks=row_blocks, tiles_per_split=per_split, splits=triton.cdiv(tiles, per_split))
+                row_blocks=row_blocks, tiles_per_split=per_split, splits=triton.cdiv(tiles_v, per_split))
 
 
 @triton.jit
@@ -186,7 +217,7 @@ def _operands(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
 
 
 def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                               inv_temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+                               inv_temperature: float = 1.0, tiles: str = "wide") -> tuple[Tensor, Tensor, Tensor]:
     """log softmax(x)[n, targets[n]], logsumexp(x) and the entropy of softmax(x) for
     x = (hidden @ weight.T + bias) * inv_temperature, never holding the ``[N, V]`` logits.
 
@@ -198,6 +229,8 @@ def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Te
         targets: ``[N]`` int64 (or int32) ids in ``[0, V)`` (the range is the caller's to check: it
             would cost a device sync here).
         inv_temperature: 1 / temperature, a positive finite float (used in float64).
+        tiles: the 16-bit pass's tile shape, one of :data:`TILES` (the comment above it says which
+            is which); mppm_ext.streaming takes the default, the GPU session's bench both.
 
     Returns:
         ``(log_prob [N], logsumexp [N], entropy [N])``, float64. Logits tiles accumulate in fp32
@@ -205,10 +238,12 @@ def token_log_prob_from_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Te
         are taken and finished in fp64. log_prob is -inf where the target's logit is -inf. A row whose
         logits hold NaN or +inf gets NaN in all three; a row with no finite logit gets logsumexp -inf.
     """
+    if tiles not in TILES:
+        raise ValueError(f"tiles must be one of {TILES}, got {tiles!r}")
     hidden, weight, bias, compute = _operands(hidden, weight, bias)
     N, D = hidden.shape
     V = weight.shape[0]
-    cfg = _config(N, V, compute)
+    cfg = _config(N, V, compute, tiles=tiles)
     splits = cfg["splits"]
     m = torch.empty(splits, N, dtype=torch.float32, device=hidden.device)
     s = torch.empty(splits, N, dtype=torch.float64, device=hidden.device)
