@@ -42,7 +42,8 @@ def cases(args):
             "reference (eager)": lambda: reference_call,
             "torch.compile(reference)": lambda: compiled(reference_call, notes, "torch.compile(reference)"),
         }
-        for name, impl, isa in backends(device, args.all_isas):
+        ours = backends(device, args.all_isas)
+        for name, impl, isa in ours:
             call = (lambda impl=impl: mppm_ext.energy_from_hidden(hidden, weight, tokens, impl=impl))
             providers[name] = (lambda call=call, isa=isa: with_isa(isa, call) if isa else call)
             if dtype != torch.float32 and impl != "triton":
@@ -51,8 +52,7 @@ def cases(args):
                                                                          logits_dtype=dtype))
                 providers[f"{name}, logits_dtype={dtype_name}"] = (
                     lambda call=rounded, isa=isa: with_isa(isa, call) if isa else call)
-        triton_here = any(impl == "triton" for _, impl, _ in backends(device, False))
-        if device == "cuda" and dtype != torch.float32 and triton_here:
+        if device == "cuda" and dtype != torch.float32 and any(impl == "triton" for _, impl, _ in ours):
             # The fused kernel alone in each 16-bit tile shape (mppm_ext.triton.linear.TILES): whether two programs
             # a SM, each one's softmax under the other's HGMMAs, beat one wide program is measured here.
             from mppm_ext.triton import linear
