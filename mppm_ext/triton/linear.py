@@ -44,9 +44,9 @@ _SMS = 132
 #             (128 + 128) / (128 x 128)).
 # "wide" is the default, by an estimate the GPU session checks (bench/ops_linear.py times both): at
 # 128 x 128 x 64 a SM needs 64 B a clock from L2 to keep its HGMMAs busy (32 KiB of operands a k-step
-# against 2.1 MFLOP at ~4096 FLOP a clock), already more than the 25-40 B a clock a SM that published
-# H100 L2 measurements (5.5-10 TB/s) give, so the 1.5x bytes of "paired" should cost more than its
-# hidden softmax saves: 64 exps and 128 fp64 conversions a thread and tile, at 16 a clock a SM, are
+# against 2.1 MFLOP at ~4096 FLOP a clock), already more than the ~46 B a clock a SM of the ~12 TB/s
+# quoted for an H100 SXM's L2 (132 SMs, 1.98 GHz), so the 1.5x bytes of "paired" should cost more than
+# its hidden softmax saves: 64 exps and 128 fp64 conversions a thread and tile, at 16 a clock a SM, are
 # ~2-3 k clocks against the tile's ~16 k clocks of HGMMA at d = 2048 (12-19%).
 TILES = ("wide", "paired")
 
