@@ -25,14 +25,18 @@ _VEC = {torch.float32: 4, torch.bfloat16: 8, torch.float16: 8}
 # row (N = 32768 rows keep every SM busy).
 _BLOCK_V = {torch.float32: 4096, torch.bfloat16: 8192, torch.float16: 8192}
 _NUM_WARPS = 8
-# A tile is [_ROWS, lanes, VEC]: lanes = BLOCK_V / (_ROWS * VEC) slots of VEC contiguous elements, each
-# slot read _ROWS times a tile, 16-byte loads interleaved across the slots (coalesced). With lanes =
-# 32 * _NUM_WARPS every slot is one thread, so the tile's max and sums along axes 0 and 2 stay in the
-# thread, and the online state is kept per slot (one rescale a thread and tile, no cross-warp reduction
-# inside the loop; the slots are combined once a row). The tail after the last whole tile is read in
-# tiles of one vector a slot, a quarter of the width: a masked full-width tail tile would spend up to
-# BLOCK_V - 1 exps on absent lanes (a 15% excess at V = 50257 in bf16), quarter tiles at most a quarter
-# of that.
+# A tile is _ROWS loads of [lanes, VEC]: lanes = BLOCK_V / (_ROWS * VEC) slots of VEC contiguous
+# elements, each slot read _ROWS times a tile, 16-byte loads interleaved across the slots (coalesced).
+# With lanes = 32 * _NUM_WARPS every slot is one thread, so the tile's max and sums stay in the thread,
+# and the online state is kept per slot (one rescale a thread and tile, no cross-warp reduction inside
+# the loop; the slots are combined once a row). The _ROWS loads are separate 2-D tensors, not one
+# [_ROWS, lanes, VEC] tensor: Triton 3.6 (the GPU machines') lays such a tensor out with the _ROWS axis
+# across 4 threads, which put 24 SHFL in the bf16 body loop (11.1 SASS instructions per element, 128
+# registers; 3.9 kept it in the thread). As 2-D tensors both versions keep every slot in one thread:
+# 8.3 instructions per bf16 element with 3.6, 8.7 with 3.9, 64 registers (bench/triton_aot.py). The tail
+# after the last whole tile is read in tiles of one vector a slot, a quarter of the width: a masked
+# full-width tail tile would spend up to BLOCK_V - 1 exps on absent lanes (a 15% excess at V = 50257 in
+# bf16), quarter tiles at most a quarter of that.
 _ROWS = 4
 # The step K_t reads 2*d elements per row (d is 1-4% of V): a modest tile is enough.
 _BLOCK_D = 1024
@@ -66,18 +70,41 @@ _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
-def _fold(z, m, s, u, c2, FTZ: tl.constexpr):
-    """Fold a tile ``[R, L, VEC]`` of fp32 logits (-inf where absent) into the L slots' states ``[L]``."""
-    m_new = tl.maximum(m, tl.max(tl.max(z, 2), 0) * c2)
+def _sums(z, to, c2, FTZ: tl.constexpr):
+    """Per slot, in fp32, of a tile ``[L, VEC]``: sum 2^d and sum 2^d * d for d = z * c2 - to."""
+    d = z * c2 - to[:, None]
+    p = online.ex2(d, FTZ)
+    return tl.sum(p, 1), tl.sum(p * tl.maximum(d, -_FLT_MAX), 1)
+
+
+@triton.jit
+def _rescaled(m, s, u, m_new, ps, pu, FTZ: tl.constexpr):
+    """The slots' states (m, s, u) moved to the new max m_new, plus a tile's fp32 sums (ps, pu)."""
     to = tl.where(m_new == float("-inf"), 0.0, m_new)
     # <= 0; -inf where the slot had seen nothing finite (s = u = 0), clamped so that 0 * gap is 0.
     gap = tl.maximum(m - to, -_FLT_MAX)
     a = online.ex2(gap, FTZ).to(tl.float64)
-    d = z * c2 - to[None, :, None]
-    p = online.ex2(d, FTZ)
-    ps = tl.sum(tl.sum(p, 2), 0).to(tl.float64)
-    pu = tl.sum(tl.sum(p * tl.maximum(d, -_FLT_MAX), 2), 0).to(tl.float64)
-    return m_new, a * s + ps, a * (u + s * gap.to(tl.float64)) + pu
+    return m_new, a * s + ps.to(tl.float64), a * (u + s * gap.to(tl.float64)) + pu.to(tl.float64)
+
+
+@triton.jit
+def _fold(z, m, s, u, c2, FTZ: tl.constexpr):
+    """Fold a tile ``[L, VEC]`` of fp32 logits (-inf where absent) into the L slots' states ``[L]``."""
+    m_new = tl.maximum(m, tl.max(z, 1) * c2)
+    ps, pu = _sums(z, tl.where(m_new == float("-inf"), 0.0, m_new), c2, FTZ)
+    return _rescaled(m, s, u, m_new, ps, pu, FTZ)
+
+
+@triton.jit
+def _fold4(z0, z1, z2, z3, m, s, u, c2, FTZ: tl.constexpr):
+    """Fold the _ROWS = 4 loads ``[L, VEC]`` of a whole tile at once: one rescale of the slots' states."""
+    m_new = tl.maximum(m, tl.max(tl.maximum(tl.maximum(z0, z1), tl.maximum(z2, z3)), 1) * c2)
+    to = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s0, u0 = _sums(z0, to, c2, FTZ)
+    s1, u1 = _sums(z1, to, c2, FTZ)
+    s2, u2 = _sums(z2, to, c2, FTZ)
+    s3, u3 = _sums(z3, to, c2, FTZ)
+    return _rescaled(m, s, u, m_new, (s0 + s1) + (s2 + s3), (u0 + u1) + (u2 + u3), FTZ)
 
 
 @triton.jit
@@ -131,19 +158,21 @@ def _energy_kernel(hidden_ptr, logits_ptr, labels_ptr, real_ptr, scored_ptr, out
         head = tl.minimum((VEC - row_off % VEC) % VEC, V)
         vec = tl.arange(0, VEC)
         z = tl.load(logits_ptr + row_off + vec, mask=vec < head, other=float("-inf")).to(tl.float32)
-        m1, s1, u1 = _fold(z[None, None, :], tl.full([1], float("-inf"), tl.float32),
+        m1, s1, u1 = _fold(z[None, :], tl.full([1], float("-inf"), tl.float32),
                            tl.zeros([1], tl.float64), tl.zeros([1], tl.float64), c2, FTZ)
         slot = tl.arange(0, LANES)
         m = tl.where(slot == 0, m1, float("-inf"))
         s = tl.where(slot == 0, s1, 0.0)
         u = tl.where(slot == 0, u1, 0.0)
-        lane = (slot[None, :, None] + LANES * tl.arange(0, ROWS)[:, None, None]) * VEC + vec[None, None, :]
+        lane = slot[:, None] * VEC + vec[None, :]
         body = row_off + head
+        tl.static_assert(ROWS == 4, "the body folds a whole tile as four loads (_fold4)")
         n_full = (V - head) // (ROWS * LANES * VEC)
         for i in range(n_full):
-            start = tl.multiple_of(body + i * (ROWS * LANES * VEC), VEC)
-            m, s, u = _fold(tl.load(logits_ptr + start + lane).to(tl.float32), m, s, u, c2, FTZ)
-        lane = slot[None, :, None] * VEC + vec[None, None, :]
+            at = logits_ptr + tl.multiple_of(body + i * (ROWS * LANES * VEC), VEC) + lane
+            m, s, u = _fold4(tl.load(at).to(tl.float32), tl.load(at + LANES * VEC).to(tl.float32),
+                             tl.load(at + 2 * LANES * VEC).to(tl.float32), tl.load(at + 3 * LANES * VEC).to(tl.float32),
+                             m, s, u, c2, FTZ)
         for start in range(head + n_full * (ROWS * LANES * VEC), V, LANES * VEC):
             tail = tl.load(logits_ptr + row_off + start + lane, mask=start + lane < V, other=float("-inf"))
             m, s, u = _fold(tail.to(tl.float32), m, s, u, c2, FTZ)

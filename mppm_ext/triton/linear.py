@@ -38,9 +38,9 @@ _SMS = 132
 #   "wide":   128 x 128 logits, 8 warps (two warp groups of 64 rows), 3 stages: 190 registers, 96 KiB
 #             of shared memory, one program a SM. Its softmax (between one tile's HGMMAs and the
 #             next's) leaves the tensor cores idle.
-#   "paired": 64 x 128 logits, 4 warps (one warp group), 3 stages: 253 registers, 72 KiB, so two
-#             programs share a SM and the warp schedulers run one program's softmax under the other's
-#             HGMMAs. It loads 1.5x the operand bytes a FLOP from L2 ((64 + 128) / (64 x 128) against
+#   "paired": 64 x 128 logits, 4 warps (one warp group), 3 stages: 253 registers (255 with Triton 3.6,
+#             the GPU machines'), 72 KiB, so two programs share a SM and the warp schedulers run one
+#             program's softmax under the other's HGMMAs. It loads 1.5x the operand bytes a FLOP from L2 ((64 + 128) / (64 x 128) against
 #             (128 + 128) / (128 x 128)).
 # "wide" is the default, by an estimate the GPU session checks (bench/ops_linear.py times both): at
 # 128 x 128 x 64 a SM needs 64 B a clock from L2 to keep its HGMMAs busy (32 KiB of operands a k-step
