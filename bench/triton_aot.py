@@ -140,13 +140,13 @@ def cg_specs(d: int = 2048) -> list[Spec]:
     out = []
     compute = _torch_dtype("fp32")  # the steering solver hands the CG float32 rows (steering/cg.py)
     for m in (16, 32, 64, cg.MAX_TARGETS):
-        m_pad, warps = cg.launch_config(m)
+        m_pad, options = cg.launch_config(m)
         types = dict(g_ptr="*fp32", rhs_ptr="*fp64", u_ptr="*fp32", iters_ptr="*i32", residual_ptr="*fp32", m="i32",
                      D="i32", g_sb="i32", g_sm="i32", rhs_sb="i32", lam="fp64", tol2="fp64", max_iter="i32")
         values = dict(m=m, D=d, g_sb=m * d, g_sm=d, rhs_sb=m, max_iter=m)
         out.append(Spec(f"cg fp32 G (m={m}, d={d})", cg._cg_kernel, types, values,
                         dict(COMPUTE=tl_dtype(compute), PRECISION=dot_precision(compute), M_PAD=m_pad,
-                             BLOCK_D=cg.BLOCK_D), dict(num_warps=warps)))
+                             BLOCK_D=cg.BLOCK_D), options))
     return out
 
 
@@ -191,6 +191,7 @@ def report(spec: Spec, kernel, ptxas_log: str, workdir: Path) -> dict:
                stack=int(frame.group(1)) if frame else None, spill_stores=int(frame.group(2)) if frame else None,
                spill_loads=int(frame.group(3)) if frame else None, shared=kernel.metadata.shared,
                warps=spec.options.get("num_warps", 4), stages=spec.options.get("num_stages"),
+               maxnreg=spec.options.get("maxnreg"),
                constexprs={k: getattr(v, "name", v) for k, v in spec.constexprs.items()},
                sass=len(instructions), mma=ops["HGMMA"] + ops["HMMA"], mma_kind="HGMMA" if ops["HGMMA"] else
                ("HMMA" if ops["HMMA"] else "-"), local=ops["LDL"] + ops["STL"],
@@ -206,7 +207,8 @@ def report(spec: Spec, kernel, ptxas_log: str, workdir: Path) -> dict:
 
 
 def lines_of(row: dict) -> list[str]:
-    stages = f", {row['stages']} stages" if row["stages"] else ""
+    stages = (f", {row['stages']} stages" if row["stages"] else "") + (
+        f", at most {row['maxnreg']} registers" if row.get("maxnreg") else "")
     out = [f"{row['label']}",
            f"    {row['constexprs']}, {row['warps']} warps{stages}",
            f"    ptxas: {row['registers']} registers, {row['stack']} B stack, {row['spill_stores']} B spill stores, "

@@ -63,8 +63,9 @@ out["softmax_moments_combine"] = compile(linear._softmax_moments_combine_kernel,
                                          ptrs(sig))
 sig = dict(g_ptr="*bf16", rhs_ptr="*fp32", u_ptr="*fp32", iters_ptr="*i32", residual_ptr="*fp32", m="i32", D="i32",
            g_sb="i32", g_sm="i32", rhs_sb="i32", lam="fp64", tol2="fp64", max_iter="i32")
-out["cg"] = compile(cg._cg_kernel, sig, dict(COMPUTE=tl.bfloat16, PRECISION="tf32", M_PAD=128, BLOCK_D=64),
-                    ptrs(sig), num_warps=8)
+m_pad, options = cg.launch_config(cg.MAX_TARGETS)  # the launcher's options (8 warps, the register cap lifted)
+out["cg"] = compile(cg._cg_kernel, sig, dict(COMPUTE=tl.bfloat16, PRECISION="tf32", M_PAD=m_pad, BLOCK_D=64),
+                    ptrs(sig), **options)
 # The float scalars a launch passes as Python floats: declared fp64, so that the launcher does not
 # round them to fp32 (tol**2 of the CG would be 0 below tol ~1e-19).
 kernels = (energy._energy_kernel, linear._token_log_prob_kernel, linear._token_log_prob_combine_kernel,

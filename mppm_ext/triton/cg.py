@@ -23,13 +23,19 @@ MAX_TARGETS = 128
 BLOCK_D = 64
 
 
-def launch_config(m: int) -> tuple[int, int]:
-    """``(M_PAD, num_warps)`` for m targets: the Gram tile padded to a power of two >= 16 (tl.dot's least).
-    Its fp64 copy takes 2 * M_PAD^2 / threads registers a thread (sm_90, bench/results/triton-sm_90.txt):
-    at M_PAD = 64, 4 warps spilled 632 bytes a thread, 8 warps none (176 registers); at M_PAD = 128,
-    8 warps spill ~2.2 KB a thread and 16 warps more (ptxas then caps a thread at 64 registers)."""
+def launch_config(m: int) -> tuple[int, dict]:
+    """``(M_PAD, launch options)`` for m targets: the Gram tile padded to a power of two >= 16 (tl.dot's
+    least). Its fp64 copy takes 2 * M_PAD^2 / threads registers a thread (sm_90, bench/results/
+    triton-sm_90.txt and triton-3.6-sm_90.txt): at M_PAD = 64, 4 warps spilled 632 bytes a thread, 8 warps
+    none (176 registers). At M_PAD = 128 every shape spills; 8 warps with the register cap lifted to 255
+    is the one good with both compilers, in spill bytes a program: Triton 3.6 (the GPU machines') 256 threads x
+    3588 B of spill loads, where without the cap its ptxas took 128 registers and loaded 12744 B a
+    thread; Triton 3.9 3240 B (3332 uncapped). 16 warps at 128 registers were better with 3.6 (512 x
+    1028 B) and worse with 3.9 (512 x 4348 B)."""
     m_pad = max(16, triton.next_power_of_2(m))
-    return m_pad, 4 if m_pad <= 32 else 8
+    if m_pad <= 32:
+        return m_pad, dict(num_warps=4)
+    return m_pad, dict(num_warps=8) if m_pad <= 64 else dict(num_warps=8, maxnreg=255)
 
 
 @triton.jit
@@ -110,10 +116,10 @@ def cg_solve(G: Tensor, rhs: Tensor, lam: float, tol: float, max_iter: int) -> t
     u = torch.empty(B, m, dtype=torch.float32, device=G.device)
     iters = torch.empty(B, dtype=torch.int32, device=G.device)
     residual = torch.empty(B, dtype=torch.float32, device=G.device)
-    m_pad, warps = launch_config(m)
+    m_pad, options = launch_config(m)
     with on_device(G):
         _cg_kernel[(B,)](G, rhs, u, iters, residual, m, d, G.stride(0), G.stride(1), rhs.stride(0),
                          float(lam), float(tol) ** 2, int(max_iter),
                          COMPUTE=tl_dtype(compute), PRECISION=dot_precision(compute), M_PAD=m_pad, BLOCK_D=BLOCK_D,
-                         num_warps=warps)
+                         **options)
     return u, iters, residual
