@@ -12,9 +12,8 @@ copied, and an integer argument is marked 16-divisible exactly when its value at
 Triton's JIT marks it at a launch. Per specialisation the report gives ptxas's registers, stack frame and
 spill bytes, Triton's shared memory, the programs a SM holds at once (from those two), the instruction
 count of the SASS with its tensor-core (HGMMA / HMMA), local-memory (LDL / STL: spills) and fp64
-instructions, and for the energy kernel the
-instructions of its body loop per element (the loop found as bench/sass_loop.py finds the CUDA kernel's:
-the backward branch whose body holds four 128-bit loads).
+instructions, and for the energy kernel the instructions of its body loop per element (the loop found as
+bench/sass_loop.py finds the CUDA kernel's: the backward branch whose body holds four 128-bit loads).
 
 A developer tool, not part of the tests (python_tests/test_triton_compiles.py is the CI check that every
 kernel compiles).

@@ -34,14 +34,15 @@ from ._dot import compute_dtype, dot_precision, tl_dtype
 # and combine (B = 8, d = 2048: 64 KiB a split), so its aim is 264 programs whatever their occupancy.
 _SMS = 132
 
-# Tile shapes of the 16-bit token_log_prob pass (bench/results/triton-sm_90.txt has their ptxas figures):
-#   "wide":   128 x 128 logits, 8 warps (two warp groups of 64 rows), 3 stages: 190 registers, 96 KiB
-#             of shared memory, one program a SM. Its softmax (between one tile's HGMMAs and the
-#             next's) leaves the tensor cores idle.
-#   "paired": 64 x 128 logits, 4 warps (one warp group), 3 stages: 253 registers (255 with Triton 3.6,
-#             the GPU machines'), 72 KiB, so two programs share a SM and the warp schedulers run one
-#             program's softmax under the other's HGMMAs. It loads 1.5x the operand bytes a FLOP from L2 ((64 + 128) / (64 x 128) against
-#             (128 + 128) / (128 x 128)).
+# Tile shapes of the 16-bit token_log_prob pass (bench/results/triton-sm_90.txt and triton-3.6-sm_90.txt
+# have their ptxas figures):
+#   "wide":   128 x 128 logits, 8 warps (two warp groups of 64 rows), 3 stages: 190 registers (255 with
+#             Triton 3.6, the GPU machines', no spill), 96 KiB of shared memory, one program a SM. Its
+#             softmax (between one tile's HGMMAs and the next's) leaves the tensor cores idle.
+#   "paired": 64 x 128 logits, 4 warps (one warp group), 3 stages: 253 registers (255 with 3.6), 72 KiB,
+#             so two programs share a SM and the warp schedulers run one program's softmax under the
+#             other's HGMMAs. It loads 1.5x the operand bytes a FLOP from L2: (64 + 128) / (64 x 128)
+#             against (128 + 128) / (128 x 128).
 # "wide" is the default, by an estimate the GPU session checks (bench/ops_linear.py times both): at
 # 128 x 128 x 64 a SM needs 64 B a clock from L2 to keep its HGMMAs busy (32 KiB of operands a k-step
 # against 2.1 MFLOP at ~4096 FLOP a clock), already more than the ~46 B a clock a SM of the ~12 TB/s
