@@ -78,9 +78,9 @@ def _sums(z, to, c2, FTZ: tl.constexpr):
 
 
 @triton.jit
-def _rescaled(m, s, u, m_new, ps, pu, FTZ: tl.constexpr):
-    """The slots' states (m, s, u) moved to the new max m_new, plus a tile's fp32 sums (ps, pu)."""
-    to = tl.where(m_new == float("-inf"), 0.0, m_new)
+def _rescaled(m, s, u, m_new, to, ps, pu, FTZ: tl.constexpr):
+    """The slots' states (m, s, u) moved to the new max m_new (``to``: its shift, 0 for -inf), plus a
+    tile's fp32 sums (ps, pu) taken against ``to``."""
     # <= 0; -inf where the slot had seen nothing finite (s = u = 0), clamped so that 0 * gap is 0.
     gap = tl.maximum(m - to, -_FLT_MAX)
     a = online.ex2(gap, FTZ).to(tl.float64)
@@ -91,8 +91,9 @@ def _rescaled(m, s, u, m_new, ps, pu, FTZ: tl.constexpr):
 def _fold(z, m, s, u, c2, FTZ: tl.constexpr):
     """Fold a tile ``[L, VEC]`` of fp32 logits (-inf where absent) into the L slots' states ``[L]``."""
     m_new = tl.maximum(m, tl.max(z, 1) * c2)
-    ps, pu = _sums(z, tl.where(m_new == float("-inf"), 0.0, m_new), c2, FTZ)
-    return _rescaled(m, s, u, m_new, ps, pu, FTZ)
+    to = tl.where(m_new == float("-inf"), 0.0, m_new)
+    ps, pu = _sums(z, to, c2, FTZ)
+    return _rescaled(m, s, u, m_new, to, ps, pu, FTZ)
 
 
 @triton.jit
@@ -104,7 +105,7 @@ def _fold4(z0, z1, z2, z3, m, s, u, c2, FTZ: tl.constexpr):
     s1, u1 = _sums(z1, to, c2, FTZ)
     s2, u2 = _sums(z2, to, c2, FTZ)
     s3, u3 = _sums(z3, to, c2, FTZ)
-    return _rescaled(m, s, u, m_new, (s0 + s1) + (s2 + s3), (u0 + u1) + (u2 + u3), FTZ)
+    return _rescaled(m, s, u, m_new, to, (s0 + s1) + (s2 + s3), (u0 + u1) + (u2 + u3), FTZ)
 
 
 @triton.jit
